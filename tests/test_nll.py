@@ -1,0 +1,90 @@
+"""The NLL engine against a naive float64 reference, padding invariance, chunking and gradients."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cpwb.nll import encode, length_buckets, sequence_nll, start_token_id, texts_nll
+
+TEXTS = ["The cat sat on the mat.", "hello", "You are a complete idiot and everyone hates you, honestly. " * 3, "A",
+         "Thanks for the help with the report, it was great."]
+
+
+def naive_phi(model, tokenizer, text: str, context: str | None = None) -> float:
+    """Reference: one text alone, full float64 logits, log_softmax, mean over the scored tokens."""
+    batch = encode(tokenizer, [text], None if context is None else [context])
+    model64 = model.double()
+    try:
+        with torch.no_grad():
+            logits = model64(input_ids=batch.input_ids).logits[0]
+    finally:
+        model.float()
+    nll = -torch.log_softmax(logits[:-1], -1).gather(-1, batch.input_ids[0, 1:, None]).squeeze(-1)
+    return nll[batch.target_mask[0, 1:]].mean().item()
+
+
+@pytest.mark.parametrize("which", ["tiny_lm", "default_lm"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batched_phi_matches_float64_reference(request, which, padding_side):
+    model, tokenizer = request.getfixturevalue(which)
+    reference = np.array([naive_phi(model, tokenizer, t) for t in TEXTS])
+    with torch.no_grad():
+        out = sequence_nll(model, encode(tokenizer, TEXTS, padding_side=padding_side))
+    assert np.abs(out.phi.numpy() - reference).max() < 1e-4
+
+
+def test_small_chunks_give_the_same_values(tiny_lm):
+    model, tokenizer = tiny_lm
+    batch = encode(tokenizer, TEXTS)
+    with torch.no_grad():
+        whole = sequence_nll(model, batch).nll_sum
+        chunked = sequence_nll(model, batch, chunk_logit_elements=len(tokenizer) * 3).nll_sum
+    torch.testing.assert_close(whole, chunked, rtol=0, atol=1e-4)
+
+
+def test_text_alone_equals_text_in_padded_batch(tiny_lm):
+    model, tokenizer = tiny_lm
+    alone = texts_nll(model, tokenizer, TEXTS[:1], batch_size=1).phi
+    batched = texts_nll(model, tokenizer, TEXTS, batch_size=8).phi
+    assert abs(alone[0] - batched[0]) < 1e-5
+
+
+def test_every_token_is_scored_with_a_start_token(default_lm):
+    model, tokenizer = default_lm
+    start = start_token_id(tokenizer)
+    assert start is not None  # SmolLM2's tokenizer adds no BOS: cpwb prepends one so the first word counts
+    result = texts_nll(model, tokenizer, ["hello world"], return_token_nll=True)
+    n_text_tokens = len(tokenizer("hello world", add_special_tokens=False)["input_ids"])
+    assert result.n_tokens[0] == n_text_tokens and len(result.token_nll[0]) == n_text_tokens
+    assert result.token_nll[0].mean() == pytest.approx(result.phi[0], abs=1e-6)
+
+
+def test_context_is_conditioned_on_but_not_scored(tiny_lm):
+    model, tokenizer = tiny_lm
+    plain = texts_nll(model, tokenizer, ["a continuation"])
+    conditioned = texts_nll(model, tokenizer, ["a continuation"], contexts=["Some prompt,"])
+    assert conditioned.n_tokens[0] == plain.n_tokens[0]
+    assert conditioned.phi[0] != pytest.approx(plain.phi[0])
+    reference = naive_phi(model, tokenizer, "a continuation", context="Some prompt,")
+    assert conditioned.phi[0] == pytest.approx(reference, abs=1e-4)
+
+
+def test_gradients_flow_and_match_the_naive_path(tiny_lm):
+    model, tokenizer = tiny_lm
+    batch = encode(tokenizer, TEXTS)
+    model.zero_grad()
+    sequence_nll(model, batch, chunk_logit_elements=len(tokenizer) * 4).phi.sum().backward()
+    ours = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+    mask = batch.target_mask[:, 1:]
+    ((nll * mask).sum(-1) / mask.sum(-1)).sum().backward()
+    torch.testing.assert_close(ours, model.model.layers[0].self_attn.q_proj.weight.grad, rtol=1e-3, atol=1e-6)
+    model.zero_grad()
+
+
+def test_length_buckets_cover_all_indices_longest_first():
+    buckets = length_buckets([3, 10, 1, 7, 5], batch_size=2)
+    assert buckets == [[1, 3], [4, 0], [2]]
