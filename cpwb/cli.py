@@ -60,6 +60,16 @@ def cmd_validate_pairs(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a CP adapter from a YAML config (see cpwb.train)."""
+    from cpwb.config import load_yaml_config
+    from cpwb.train import TrainConfig, train
+
+    result = train(load_yaml_config(TrainConfig, args.config, _overrides(args.param)), resume=args.resume)
+    print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per capability."""
     parser = argparse.ArgumentParser(prog="cpwb", description=__doc__)
@@ -81,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate-pairs", help="check a pairs JSONL file, one line per problem")
     validate.add_argument("path")
     validate.set_defaults(func=cmd_validate_pairs)
+    trainer = sub.add_parser("train", help="train a CP (or baseline) LoRA adapter from a YAML config")
+    trainer.add_argument("--config", required=True, help="YAML file of TrainConfig settings (see configs/)")
+    trainer.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    trainer.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, value read as YAML (repeatable)")
+    trainer.set_defaults(func=cmd_train)
     return parser
 
 

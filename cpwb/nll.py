@@ -40,6 +40,8 @@ class SequenceNLL:
     nll_sum: torch.Tensor  # [B]
     n_tokens: torch.Tensor  # [B]
     token_nll: torch.Tensor | None = None  # [B, T], NLL of token t at column t, 0 where not scored
+    states: torch.Tensor | None = None  # [N, H] hidden states of the scored tokens (keep_states=True)
+    rows: torch.Tensor | None = None  # [N] the sequence of each scored token
 
     @property
     def phi(self) -> torch.Tensor:
@@ -101,45 +103,82 @@ def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | 
     return base.get_decoder(), base.get_output_embeddings(), softcap
 
 
-def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """NLL of `targets` under the LM head applied to `hidden` [N, H], in fp32."""
+def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 logits of the LM head on `hidden` [N, H], soft-capped when the model does so."""
     logits = head(hidden).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """NLL of `targets` under the LM head applied to `hidden` [N, H]."""
+    logits = _logits(head, hidden, softcap)
     return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
 
 
-def sequence_nll(model, batch: TokenBatch, return_token_nll: bool = False,
-                 chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS) -> SequenceNLL:
-    """Per-sequence NLL of a token batch under `model`; differentiable when grad is enabled."""
-    decoder, head, softcap = _decoder_and_head(model)
+def _chunk_kl(head: torch.nn.Module, hidden: torch.Tensor, base_hidden: torch.Tensor,
+              softcap: float | None) -> torch.Tensor:
+    """KL(base || model) of the next-token distributions at each position [N]."""
+    log_p = torch.log_softmax(_logits(head, hidden, softcap), -1)
+    log_q = torch.log_softmax(_logits(head, base_hidden, softcap), -1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def _over_chunks(fn, head: torch.nn.Module, first: torch.Tensor, second: torch.Tensor, softcap: float | None,
+                 chunk_logit_elements: int) -> torch.Tensor:
+    """`fn` over row chunks of (first, second), each chunk recomputed in backward so its logits are not kept."""
+    chunk = max(1, chunk_logit_elements // head.weight.shape[0])
+    pieces = []
+    for start in range(0, first.shape[0], chunk):
+        args = (head, first[start:start + chunk], second[start:start + chunk], softcap)
+        if torch.is_grad_enabled() and first.requires_grad:
+            pieces.append(checkpoint(fn, *args, use_reentrant=False))
+        else:
+            pieces.append(fn(*args))
+    return torch.cat(pieces) if pieces else first.new_zeros(0, dtype=torch.float32)
+
+
+def scored_states(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final hidden states that predict the scored tokens [N, H], with their (row, column) in the batch."""
+    decoder, _, _ = _decoder_and_head(model)
     mask = batch.attention_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     # Position t-1 predicts token t: gather only the hidden states whose next token is scored.
-    scored = batch.target_mask[:, 1:]
-    rows, cols = scored.nonzero(as_tuple=True)
-    states = hidden[:, :-1][rows, cols]
+    rows, cols = batch.target_mask[:, 1:].nonzero(as_tuple=True)
+    return hidden[:, :-1][rows, cols], rows, cols
+
+
+def sequence_nll(model, batch: TokenBatch, return_token_nll: bool = False, keep_states: bool = False,
+                 chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS) -> SequenceNLL:
+    """Per-sequence NLL of a token batch under `model`; differentiable when grad is enabled.
+
+    `keep_states` keeps the scored hidden states on the result, for a KL term that reuses this forward pass.
+    """
+    _, head, softcap = _decoder_and_head(model)
+    states, rows, cols = scored_states(model, batch)
     targets = batch.input_ids[:, 1:][rows, cols]
-    vocab = head.weight.shape[0]
-    chunk = max(1, chunk_logit_elements // vocab)
-    pieces = []
-    for start in range(0, states.shape[0], chunk):
-        args = (head, states[start:start + chunk], targets[start:start + chunk], softcap)
-        if torch.is_grad_enabled() and states.requires_grad:
-            pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_nll(*args))
-    token_values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    n_seq = batch.input_ids.shape[0]
-    nll_sum = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_values)
-    n_tokens = scored.sum(-1).to(torch.float32)
+    token_values = _over_chunks(_chunk_nll, head, states, targets, softcap, chunk_logit_elements)
+    n_seq, device = batch.input_ids.shape[0], states.device
+    nll_sum = torch.zeros(n_seq, dtype=torch.float32, device=device).index_add(0, rows, token_values)
+    n_tokens = batch.target_mask[:, 1:].sum(-1).to(torch.float32)
     token_nll = None
     if return_token_nll:
-        token_nll = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=hidden.device)
+        token_nll = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=device)
         token_nll[rows, cols + 1] = token_values
-    return SequenceNLL(nll_sum, n_tokens, token_nll)
+    return SequenceNLL(nll_sum, n_tokens, token_nll, states if keep_states else None, rows)
+
+
+def sequence_kl(model, stats: SequenceNLL, base_states: torch.Tensor,
+                chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS) -> torch.Tensor:
+    """Per-sequence mean token KL(base || model), from states kept by `sequence_nll(keep_states=True)`.
+
+    `base_states` are `scored_states` of the same batch under the frozen base (e.g. a peft adapter disabled).
+    """
+    _, head, softcap = _decoder_and_head(model)
+    token_kl = _over_chunks(_chunk_kl, head, stats.states, base_states, softcap, chunk_logit_elements)
+    kl_sum = torch.zeros_like(stats.nll_sum).index_add(0, stats.rows, token_kl)
+    return kl_sum / stats.n_tokens
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

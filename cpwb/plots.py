@@ -43,3 +43,32 @@ def paired_phi_figure(table: pd.DataFrame, title: str = "Log-perplexity of toxic
     fig.update_yaxes(title_text="P(toxic) by the default scorer", range=[0, 1], row=1, col=2)
     fig.update_layout(title=title, height=450, showlegend=False)
     return fig
+
+
+def training_curves(metrics: list[dict]) -> go.Figure:
+    """Loss, mean log J and the phi of positives vs negatives over the training steps."""
+    frame = pd.DataFrame(metrics)
+    panels = [("loss", ["loss"]), ("mean log J", ["log_j"]), ("phi [nats/token]", ["phi_pos", "phi_neg"])]
+    panels = [(title, [c for c in cols if c in frame]) for title, cols in panels]
+    panels = [(title, cols) for title, cols in panels if cols]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels])
+    names = {"phi_pos": "positives", "phi_neg": "negatives"}
+    for col, (_, columns) in enumerate(panels, start=1):
+        for column in columns:
+            fig.add_trace(go.Scatter(x=frame.step, y=frame[column], mode="lines", name=names.get(column, column)),
+                          1, col)
+        fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_layout(title="CP training", height=380)
+    return fig
+
+
+def before_after_gap_figure(table: pd.DataFrame) -> go.Figure:
+    """Held-out phi(negative) - phi(positive) per pair, before vs after training (points above 0: toxic less likely)."""
+    fig = go.Figure()
+    for column, label in (("gap_before", "base model"), ("gap_after", "with CP adapter")):
+        fig.add_trace(go.Violin(y=table[column], name=label, box_visible=True, meanline_visible=True,
+                                points="all", text=table.negative, hoverinfo="y+text"))
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_layout(title="Held-out phi gap, toxic minus neutral paraphrase", yaxis_title="gap [nats/token]",
+                      height=420, showlegend=False)
+    return fig

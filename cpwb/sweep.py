@@ -6,6 +6,7 @@ the first failing notebook, whose partially executed copy is kept beside the oth
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import time
@@ -21,12 +22,6 @@ from cpwb.files import atomic_write_json, sha256_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
-# papermill's inferred type names for a parameters cell's defaults, and the Python types they accept.
-_PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list, tuple), "dict": (dict,),
-}
-
-
 @dataclass
 class RunConfig:
     """What `cpwb run` executes: which notebooks, with which parameters, into which folder."""
@@ -37,15 +32,16 @@ class RunConfig:
     output_root: str = "outputs"
     kernel: str = "python3"
     force: bool = False  # re-execute notebooks already completed
+    notebook_dir: str | None = None  # default: the project's notebooks/
 
     def __post_init__(self) -> None:
         require(self.run_id is None or (self.run_id and "/" not in self.run_id), "run_id",
                 "must be a non-empty folder name without '/'")
 
 
-def ordered_notebooks(names: list[str] | None = None) -> list[Path]:
+def ordered_notebooks(names: list[str] | None = None, folder: Path = NOTEBOOK_DIR) -> list[Path]:
     """The workbench notebooks in order (all `NN_*.ipynb`, or the named ones), failing on unknown names."""
-    available = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    available = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
     if not names:
         return available
     by_name = {p.stem: p for p in available} | {p.stem[:2]: p for p in available}
@@ -63,20 +59,28 @@ def declared_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
     return papermill.inspect_notebook(str(notebook))
 
 
+def _default_value(text: str) -> Any:
+    """A parameters-cell default as a Python value, or None when it is not a literal."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+
+
 def select_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The subset of `parameters` the notebook declares, type-checked against its defaults."""
+    """The subset of `parameters` the notebook declares, type-checked against the type of each default."""
     declared = declared_parameters(notebook)
     chosen = {}
     for name, value in parameters.items():
         if name not in declared:
             continue
-        expected = _PARAMETER_TYPES.get(declared[name]["inferred_type_name"])
-        ok = expected is None or value is None or (isinstance(value, expected)
-                                                   and not (isinstance(value, bool) and bool not in expected))
-        if not ok:
-            raise ConfigError(f"expected {declared[name]['inferred_type_name']} (default "
-                              f"{declared[name]['default']}), got {type(value).__name__} {value!r}",
-                              notebook.name, field=name)
+        default = _default_value(declared[name]["default"])
+        expected: tuple[type, ...] = (int, float) if type(default) is float else (type(default),)
+        wrong = default is not None and value is not None and (
+            not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool))
+        if wrong:
+            raise ConfigError(f"expected {type(default).__name__} (default {declared[name]['default']}), "
+                              f"got {type(value).__name__} {value!r}", notebook.name, field=name)
         chosen[name] = value
     return chosen
 
@@ -113,7 +117,8 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict[str, Any], c
 
 def run_notebooks(config: RunConfig) -> tuple[Path, list[NotebookResult]]:
     """Execute the configured notebooks in order into `<output_root>/<run_id>/`; returns the folder and results."""
-    notebooks = ordered_notebooks(config.notebooks)
+    folder = Path(config.notebook_dir) if config.notebook_dir else NOTEBOOK_DIR
+    notebooks = ordered_notebooks(config.notebooks, folder)
     selected = {nb.name: select_parameters(nb, config.parameters) for nb in notebooks}
     run_id = config.run_id or default_run_id(notebooks, config.parameters)
     run_dir = (Path(config.output_root) if Path(config.output_root).is_absolute()
@@ -136,7 +141,7 @@ def run_notebooks(config: RunConfig) -> tuple[Path, list[NotebookResult]]:
             continue
         started = time.time()
         try:
-            execute_notebook(nb, output, params, cwd=NOTEBOOK_DIR, kernel=config.kernel)
+            execute_notebook(nb, output, params, cwd=folder, kernel=config.kernel)
             result = NotebookResult(nb.name, str(output), "completed", time.time() - started)
         except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
             result = NotebookResult(nb.name, str(output), "failed", time.time() - started,

@@ -9,7 +9,6 @@ gradients are averaged across processes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -27,7 +26,7 @@ from cpwb import loss as losses
 from cpwb.config import load_yaml_config, require, to_dict
 from cpwb.errors import ConfigError, CpwbError
 from cpwb.files import append_jsonl, atomic_path, atomic_write_json, atomic_write_text, read_jsonl_tolerant
-from cpwb.nll import SequenceNLL, TokenBatch, encode, sequence_nll
+from cpwb.nll import SequenceNLL, TokenBatch, encode, scored_states, sequence_kl, sequence_nll
 from cpwb.pairs import PairRecord
 
 Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo"]
@@ -59,6 +58,7 @@ class TrainConfig:
     tau: float = 0.5
     alpha: float = 1.0
     anchor_weight: float = 1.0
+    kl_weight: float = 0.0  # + kl_weight * mean token KL(base || model) on the positives (keeps non-toxic text as it was)
     phi_form: Literal["log_ppl", "ppl"] = "log_ppl"
     detach_prototype: bool = True
     prototype: Literal["mean_positives", "first_positive"] = "mean_positives"
@@ -86,7 +86,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("tau", "lr", "max_grad_norm"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("alpha", "anchor_weight", "weight_decay", "lora_dropout", "random_negatives", "steps",
+        for name in ("alpha", "anchor_weight", "kl_weight", "weight_decay", "lora_dropout", "random_negatives", "steps",
                      "warmup_steps"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("max_positives", "max_negatives", "anchors_per_step", "grad_accum", "lora_r", "lora_alpha",
@@ -224,7 +224,7 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig,
                                          alpha=config.alpha)
         return value, {"phi_pos": pos.mean().item(), "phi_neg": neg.mean().item()}, int(tokens.attention_mask.sum())
     tokens = encode(tokenizer, batch.texts, max_length=config.max_length).to(device)
-    stats = sequence_nll(model, tokens)
+    stats = sequence_nll(model, tokens, keep_states=config.kl_weight > 0)
     phi = stats.phi
     phi_pos, pos_mask = to_slots(phi, batch, "pos")
     negative_roles = ("neg", "rand") if batch.sizes["rand"] else ("neg",)
@@ -250,7 +250,18 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig,
         value = losses.dpo_loss(*_logp_slots(stats, batch, negative_roles),
                                 *_logp_slots(reference, batch, negative_roles), pos_mask, neg_mask,
                                 beta=config.preference_beta)
+    if config.kl_weight > 0:
+        kl = positives_kl(model, tokens, stats, is_pos)
+        metrics["kl"] = kl.item()
+        value = value + config.kl_weight * kl
     return value, metrics, int(tokens.attention_mask.sum())
+
+
+def positives_kl(model, tokens: TokenBatch, stats: SequenceNLL, is_pos: torch.Tensor) -> torch.Tensor:
+    """Mean over positive texts of their mean token KL(frozen base || model): the base is the adapter disabled."""
+    with torch.no_grad(), model.disable_adapter():
+        base_states, _, _ = scored_states(model, tokens)
+    return sequence_kl(model, stats, base_states)[is_pos].mean()
 
 
 def _logp_slots(stats: SequenceNLL, batch: AnchorBatch, negative_roles: tuple[str, ...]
@@ -391,6 +402,8 @@ class TrainResult:
     adapter_dir: Path
     metrics: list[dict[str, Any]]
     heldout: list[PairRecord]
+    model: Any  # the trained peft model, still in memory
+    tokenizer: Any
 
 
 def _average_gradients_across_processes(model) -> None:
@@ -426,6 +439,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     rng = random.Random(config.seed)
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        _require_same_settings(run_dir / "config.yaml", config)
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer, scheduler, rng)
     metrics_path = run_dir / "metrics.jsonl"
@@ -476,7 +491,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     if rank == 0 and (stop_after is None or stop_after >= total_steps):
         with atomic_path(adapter_dir) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
-    return TrainResult(run_dir, adapter_dir, history, heldout)
+    return TrainResult(run_dir, adapter_dir, history, heldout, model, tokenizer)
 
 
 def load_adapter(adapter_dir: str | Path, model: str = "default", device: str = "cpu",
@@ -490,6 +505,18 @@ def load_adapter(adapter_dir: str | Path, model: str = "default", device: str = 
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), load_tokenizer(model, trust_remote_code)
 
 
+def _require_same_settings(saved: Path, config: TrainConfig) -> None:
+    """Refuse to resume a run folder that was started with other settings."""
+    import yaml
+
+    before = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    now = to_dict(config)
+    changed = sorted(k for k in now if k != "progress" and before.get(k) != now[k])
+    if changed:
+        raise ConfigError(f"{saved.parent} holds a run with other settings ({', '.join(changed)}); resume it with "
+                          "the same settings, or use another output_dir", field="output_dir")
+
+
 def _yaml(data: dict[str, Any]) -> str:
     """A config dict as YAML."""
     import yaml
@@ -498,22 +525,10 @@ def _yaml(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`cpwb train` / `accelerate launch -m cpwb.train`: train from a YAML config, optionally resuming."""
-    parser = argparse.ArgumentParser(prog="cpwb train", description=train.__doc__)
-    parser.add_argument("--config", required=True, help="YAML file of TrainConfig settings")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    from cpwb.config import parse_override
+    """`accelerate launch -m cpwb.train --config ...`: the same as `cpwb train`."""
+    from cpwb.cli import main as cli_main
 
-    try:
-        config = load_yaml_config(TrainConfig, args.config, dict(parse_override(p) for p in args.param))
-        result = train(config, resume=args.resume)
-    except CpwbError as err:
-        print(f"cpwb train: error: {err}", file=sys.stderr)
-        return 2
-    print(f"adapter: {result.adapter_dir}")
-    return 0
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -13,14 +13,24 @@ def default_lm():
     return load_causal_lm("default"), load_tokenizer("default")
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(default_lm):
-    """A 2-layer random-init Llama with the default tokenizer: fast plumbing tests on a real architecture."""
+def make_tiny_lm(tokenizer, seed: int = 0):
+    """A 2-layer random-init Llama sized for `tokenizer`: fast plumbing tests on a real architecture."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tokenizer = default_lm
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(default_lm):
+    """A tiny random Llama with the default tokenizer, shared by the session: tests must not modify it."""
+    return make_tiny_lm(default_lm[1]), default_lm[1]
+
+
+@pytest.fixture
+def fresh_tiny_lm(default_lm):
+    """A tiny random Llama of this test's own, free to be trained or wrapped."""
+    return make_tiny_lm(default_lm[1]), default_lm[1]

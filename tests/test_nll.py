@@ -70,8 +70,8 @@ def test_context_is_conditioned_on_but_not_scored(tiny_lm):
     assert conditioned.phi[0] == pytest.approx(reference, abs=1e-4)
 
 
-def test_gradients_flow_and_match_the_naive_path(tiny_lm):
-    model, tokenizer = tiny_lm
+def test_gradients_flow_and_match_the_naive_path(fresh_tiny_lm):
+    model, tokenizer = fresh_tiny_lm
     batch = encode(tokenizer, TEXTS)
     model.zero_grad()
     sequence_nll(model, batch, chunk_logit_elements=len(tokenizer) * 4).phi.sum().backward()
@@ -88,3 +88,24 @@ def test_gradients_flow_and_match_the_naive_path(tiny_lm):
 def test_length_buckets_cover_all_indices_longest_first():
     buckets = length_buckets([3, 10, 1, 7, 5], batch_size=2)
     assert buckets == [[1, 3], [4, 0], [2]]
+
+
+def test_sequence_kl_matches_a_naive_full_logits_kl(fresh_tiny_lm):
+    from cpwb.nll import scored_states, sequence_kl
+
+    model, tokenizer = fresh_tiny_lm
+    batch = encode(tokenizer, TEXTS)
+    with torch.no_grad():
+        base_states, _, _ = scored_states(model, batch)
+        base_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+        for p in model.model.parameters():  # the body changes, the head stays shared (as with a LoRA adapter)
+            p.add_(0.02 * torch.randn_like(p))
+        stats = sequence_nll(model, batch, keep_states=True)
+        ours = sequence_kl(model, stats, base_states, chunk_logit_elements=len(tokenizer) * 5)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    log_q, log_p = torch.log_softmax(base_logits[:, :-1], -1), torch.log_softmax(logits[:, :-1], -1)
+    token_kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    mask = batch.target_mask[:, 1:]
+    naive = (token_kl * mask).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(ours.double(), naive, rtol=1e-4, atol=1e-6)
+    assert (ours > 0).all()
