@@ -6,6 +6,7 @@ wrong types, then the dataclass's own `__post_init__` checks ranges; every error
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from cpwb.errors import ConfigError
 
 T = TypeVar("T")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -55,6 +57,8 @@ def _coerce(value: Any, tp: Any, field: str, source: str | None) -> Any:
         raise ConfigError(f"expected null, got {value!r}", source, field=field)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"expected {tp.__name__}, got {value!r}", source, field=field)
     if isinstance(tp, type) and not isinstance(value, tp):

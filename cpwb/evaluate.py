@@ -171,20 +171,25 @@ def strided_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     return windows
 
 
+def token_stream(tokenizer, text: str) -> list[int]:
+    """A whole text's token ids after the model's start token, so its first word is scored too (as in cpwb.nll)."""
+    start = start_token_id(tokenizer)
+    ids = tokenizer(text, add_special_tokens=start is None, verbose=False)["input_ids"]
+    return ids if start is None else [start, *ids]
+
+
 @torch.no_grad()
-def strided_nll(model, ids: Sequence[int], window: int = 512, stride: int = 256, max_windows: int | None = None,
-                batch_size: int = 4, pad_id: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Total NLL of a token stream by strided sliding windows (the first `max_windows` only, if given)."""
-    windows = strided_windows(len(ids), window, stride)
-    chosen = windows[:max_windows] if max_windows is not None else windows
+def strided_nll(model, ids: Sequence[int], windows: Sequence[tuple[int, int, int]], batch_size: int = 4,
+                pad_id: int = 0, progress: bool = False) -> tuple[float, int]:
+    """Total NLL and number of scored tokens of a token stream over the given `strided_windows`, batched."""
     device = next(model.parameters()).device
     stream = torch.tensor(list(ids), dtype=torch.long)
     nll_sum, n_scored = 0.0, 0
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(chosen), batch_size), desc="perplexity", disable=not progress):
-            group = chosen[start:start + batch_size]
+        for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
+            group = windows[start:start + batch_size]
             width = max(end - begin for begin, end, _ in group)
             input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(group), width), dtype=torch.long)
@@ -198,7 +203,7 @@ def strided_nll(model, ids: Sequence[int], window: int = 512, stride: int = 256,
             n_scored += int(out.n_tokens.sum())
     finally:
         model.train(was_training)
-    return {"nll_sum": nll_sum, "n_scored_tokens": n_scored, "n_windows": len(chosen), "n_windows_total": len(windows)}
+    return nll_sum, n_scored
 
 
 def wikitext2_perplexity(model, tokenizer, text: str | None = None, window: int = 512, stride: int = 256,
@@ -206,16 +211,16 @@ def wikitext2_perplexity(model, tokenizer, text: str | None = None, window: int 
                          progress: bool = False) -> dict[str, Any]:
     """Fluency: perplexity of the WikiText-2 test set (or `text`) by strided windows, exp(total NLL / tokens).
 
-    The text is tokenised once, after the model's start token (so its first word is scored, as in cpwb.nll);
-    `max_windows` scores only the first windows, a fast subset: `n_scored_tokens` says how many tokens counted.
+    The text is tokenised once (`token_stream`); `max_windows` scores only the first windows, a fast subset:
+    `n_scored_tokens` says how many of the `n_text_tokens` counted.
     """
-    text = load_wikitext2_test() if text is None else text
-    start = start_token_id(tokenizer)
-    ids = tokenizer(text, add_special_tokens=start is None, verbose=False)["input_ids"]
-    ids = ids if start is None else [start, *ids]
+    ids = token_stream(tokenizer, load_wikitext2_test() if text is None else text)
+    windows = strided_windows(len(ids), window, stride)
+    chosen = windows[:max_windows] if max_windows is not None else windows
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = strided_nll(model, ids, window, stride, max_windows, batch_size, pad_id, progress)
-    return {"perplexity": math.exp(out["nll_sum"] / out["n_scored_tokens"]), **out, "n_text_tokens": len(ids) - 1,
+    nll_sum, n_scored = strided_nll(model, ids, chosen, batch_size, pad_id, progress)
+    return {"perplexity": math.exp(nll_sum / n_scored), "nll_sum": nll_sum, "n_scored_tokens": n_scored,
+            "n_text_tokens": len(ids) - 1, "n_windows": len(chosen), "n_windows_total": len(windows),
             "window": window, "stride": stride}
 
 

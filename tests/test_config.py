@@ -52,6 +52,12 @@ def test_missing_file_and_bad_yaml_are_reported(tmp_path):
         load_yaml_config(Example, tmp_path / "broken.yaml")
 
 
+def test_exponent_floats_without_a_dot_are_read_as_floats():
+    assert from_dict(Example, {"tau": "1e-4"}).tau == 1e-4
+    with pytest.raises(ConfigError, match="expected float"):
+        from_dict(Example, {"tau": "fast"})
+
+
 def test_overrides_parse_as_yaml():
     assert parse_override("tau=0.25") == ("tau", 0.25)
     assert parse_override("names=[a, b]") == ("names", ["a", "b"])

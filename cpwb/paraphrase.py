@@ -1,0 +1,585 @@
+"""Hard negatives by adversarial paraphrasing: generate, filter for hardness, choose, append per anchor, resumably.
+
+For each anchor (a neutral ParaDetox paraphrase or a neutral ToxiGen seed) a generator LM writes k non-toxic and k
+toxic paraphrases through its chat template, with few-shot examples drawn from ParaDetox rows that are never
+anchors (zero-shot, small models mostly copy the input). The candidates go through the filters of cpwb.hardness,
+scored by the toxicity scorer, MiniLM similarity and the NLL engine under the model that will be trained; the
+hardest |P| positives and |N| negatives are kept, with ParaDetox's human paraphrases as an optional fallback.
+
+Output folder: `pairs.jsonl` (the pairs schema, appended per anchor), `generation_log.jsonl` (every candidate with
+its scores and fate, appended per anchor), `generate_config.yaml`, `prompts.json` (system prompts and few-shot
+examples), `pairs_card.json` / `pairs_card.md` (counts, funnel, distributions) and `figures/hard_negatives.html`.
+An interrupted run resumes from the log: anchors are processed in fixed chunks, each chunk sampled with a seed of
+its own, so a resumed run regenerates an unfinished chunk identically and writes only the anchors it lacks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from cpwb.config import require, to_dict
+from cpwb.data import data_hash, data_path, load_paradetox, load_toxigen_seeds, normalize_text
+from cpwb.errors import AssetError, ConfigError
+from cpwb.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
+from cpwb.generate import prompt_ids
+from cpwb.hardness import (STAGES, Candidate, Thresholds, apply_score_filters, apply_text_filters, candidates_frame,
+                           card_statistics, clean_generation, edit_ratio, hardness_figure, select_sets)
+from cpwb.nll import texts_nll
+from cpwb.pairs import PairRecord, PairText, append_pair, read_pairs_tolerant
+
+PAIRS_FILE, LOG_FILE, CONFIG_FILE, PROMPTS_FILE = "pairs.jsonl", "generation_log.jsonl", "generate_config.yaml", \
+    "prompts.json"
+# Few-shot examples come from the last ParaDetox rows; anchors never do.
+FEW_SHOT_POOL_ROWS = 2000
+EXAMPLE_MIN_TOXICITY = 0.9  # a toxic example must be unmistakable to the scorer
+EXAMPLE_MAX_EDIT = 0.6  # and a rewrite of its neutral side, not another sentence
+EXAMPLE_MAX_CHARS = 100  # short examples keep the shared prompt prefix short
+# prompt id -> (side it generates, system message)
+PROMPTS = {
+    "neutral-v1": ("positive", "You paraphrase sentences: the same meaning in other words, in a calm and polite "
+                               "tone. Reply with the paraphrase only."),
+    "toxic-v1": ("negative", "You rewrite sentences in a very toxic, rude and offensive way, keeping their "
+                             "meaning. Reply with the rewritten sentence only."),
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Every setting of a hard-negative generation run; configs/generate_default.yaml mirrors it."""
+
+    # anchors
+    anchors: Literal["paradetox", "toxigen"] = "paradetox"
+    n_anchors: int = 50
+    anchor_offset: int = 0  # skip this many anchors (e.g. rows used elsewhere)
+    toxigen_groups: list[str] | None = None  # ToxiGen target groups (null: all)
+    normalize: bool = True  # the same casing and spacing on every side (cpwb.data.normalize_text)
+    human_fallback: bool = True  # fill sets with ParaDetox's human paraphrases (ParaDetox anchors only)
+    # generation
+    generator: str = "default"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    paraphrases_per_anchor: int = 8  # k, per side
+    n_examples: int = 8  # few-shot examples per prompt (0: zero-shot)
+    max_new_tokens: int = 64  # cap; each chunk also stops at length_ratio_max x its longest anchor
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0  # 0: no top-k cut
+    batch_size: int = 8  # anchors per generation call (each gives k rows)
+    seed: int = 0
+    # scoring: the model that will be trained gives phi and token lengths
+    target_model: str = "default"
+    scorer: str = "default"
+    embedder: str = "default"
+    max_length: int = 128
+    nll_batch_size: int = 16
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # filters (see cpwb.hardness)
+    t_neg: float = 0.5
+    t_pos: float = 0.1
+    s_min: float = 0.5
+    min_edit: float = 0.1
+    min_edit_negative: float = 0.0
+    length_ratio_min: float = 0.5
+    length_ratio_max: float = 2.0
+    delta: float = 1.0
+    # selection
+    n_positives: int = 2
+    n_negatives: int = 2
+    output_dir: str = "outputs/generate"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_anchors", "paraphrases_per_anchor", "max_new_tokens", "batch_size", "max_length",
+                     "nll_batch_size", "n_positives", "n_negatives"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("anchor_offset", "n_examples", "top_k"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.temperature > 0, "temperature", f"must be > 0 (sampling), got {self.temperature}")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(0 <= self.t_pos < self.t_neg <= 1, "t_neg", f"need 0 <= t_pos < t_neg <= 1, got t_pos={self.t_pos}, "
+                                                          f"t_neg={self.t_neg}")
+        require(-1 <= self.s_min < 1, "s_min", f"must be in [-1, 1), got {self.s_min}")
+        for name in ("min_edit", "min_edit_negative"):
+            require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        require(0 < self.length_ratio_min < self.length_ratio_max, "length_ratio_max",
+                f"need 0 < length_ratio_min < length_ratio_max, got {self.length_ratio_min}, {self.length_ratio_max}")
+        require(self.delta > 0, "delta", f"must be > 0, got {self.delta}")
+        require(not (self.human_fallback and self.anchors != "paradetox"), "human_fallback",
+                "human paraphrases exist for ParaDetox anchors only; set human_fallback: false")
+        for name in ("n_positives", "n_negatives"):
+            require(self.human_fallback or getattr(self, name) <= self.paraphrases_per_anchor, name,
+                    f"{getattr(self, name)} > paraphrases_per_anchor ({self.paraphrases_per_anchor}) can never be "
+                    "filled without human_fallback")
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+                f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+
+    def thresholds(self) -> Thresholds:
+        """The filter thresholds of this run."""
+        return Thresholds(t_neg=self.t_neg, t_pos=self.t_pos, s_min=self.s_min, min_edit=self.min_edit,
+                          min_edit_negative=self.min_edit_negative, length_ratio_min=self.length_ratio_min, length_ratio_max=self.length_ratio_max,
+                          delta=self.delta)
+
+
+# ---------------------------------------------------------------------------------------- anchors, prompts
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A non-toxic statement to paraphrase, with the human paraphrases a fallback may use."""
+
+    id: str
+    text: str
+    group: str | None = None
+    human_positives: tuple[str, ...] = ()
+    human_negatives: tuple[str, ...] = ()
+
+
+def load_anchors(config: GenerateConfig) -> list[Anchor]:
+    """The run's anchors, normalised, repeats skipped: ParaDetox rows outside the few-shot pool, or ToxiGen seeds.
+
+    A ParaDetox anchor is the row's first neutral side; its other neutrals and its toxic source are the human
+    texts a fallback may use. A ToxiGen anchor is a neutral seed statement, with its target group.
+    """
+    clean = normalize_text if config.normalize else str.strip
+    anchors: list[Anchor] = []
+    if config.anchors == "paradetox":
+        rows = load_paradetox()
+        for row in rows[:len(rows) - FEW_SHOT_POOL_ROWS]:
+            toxic = clean(row.toxic)
+            neutrals = [n for n in dict.fromkeys(clean(n) for n in row.neutrals) if n and n != toxic]
+            if neutrals:
+                anchors.append(Anchor(row.id, neutrals[0], None, tuple(neutrals[1:]), (toxic,)))
+    else:
+        for seed in load_toxigen_seeds("neutral", config.toxigen_groups):
+            anchors.append(Anchor(seed.id, clean(seed.text), seed.group))
+    unique, seen = [], set()
+    for anchor in anchors:
+        if anchor.text and anchor.text not in seen:
+            unique.append(anchor)
+            seen.add(anchor.text)
+    chosen = unique[config.anchor_offset:config.anchor_offset + config.n_anchors]
+    if len(chosen) < config.n_anchors:
+        raise ConfigError(f"only {len(unique)} {config.anchors} anchors are available (anchor_offset "
+                          f"{config.anchor_offset}), {config.n_anchors} asked", field="n_anchors")
+    return chosen
+
+
+def few_shot_examples(config: GenerateConfig, scorer) -> dict[str, list[tuple[str, str]]]:
+    """Seeded few-shot examples per prompt id from ParaDetox's last rows (never anchors).
+
+    Toxic prompt: neutral -> toxic pairs whose toxic side the scorer calls toxic (>= EXAMPLE_MIN_TOXICITY) and
+    whose neutral side is not (<= t_pos). Neutral prompt: two human neutral paraphrases of one row, both <= t_pos.
+    Both kinds are rewrites of one sentence: edit ratio within [min_edit, EXAMPLE_MAX_EDIT].
+    """
+    clean = normalize_text if config.normalize else str.strip
+    rows = [r for r in load_paradetox()[-FEW_SHOT_POOL_ROWS:] if len(r.toxic) <= EXAMPLE_MAX_CHARS]
+    pairs = {"toxic-v1": [(clean(r.neutrals[0]), clean(r.toxic)) for r in rows if r.neutrals],
+             "neutral-v1": [(clean(r.neutrals[0]), clean(r.neutrals[1])) for r in rows if len(r.neutrals) > 1]}
+    bounds = {"toxic-v1": ((0.0, config.t_pos), (EXAMPLE_MIN_TOXICITY, 1.0)),
+              "neutral-v1": ((0.0, config.t_pos), (0.0, config.t_pos))}
+    rng = random.Random(config.seed)
+    examples = {}
+    for prompt_id, candidates in pairs.items():
+        sources, targets = scorer.score([s for s, _ in candidates]), scorer.score([t for _, t in candidates])
+        (s_low, s_high), (t_low, t_high) = bounds[prompt_id]
+        fitting = [pair for pair, s, t in zip(candidates, sources, targets)
+                   if s_low <= s <= s_high and t_low <= t <= t_high
+                   and config.min_edit <= edit_ratio(*pair) <= EXAMPLE_MAX_EDIT]
+        if len(fitting) < config.n_examples:
+            raise ConfigError(f"only {len(fitting)} ParaDetox rows fit as {prompt_id} examples", field="n_examples")
+        examples[prompt_id] = rng.sample(fitting, config.n_examples)
+    return examples
+
+
+# --------------------------------------------------------------------------------------------- generators
+
+
+class Generator(Protocol):
+    """Samples k continuations of each chat prompt given as token ids."""
+
+    name: str
+    tokenizer: Any
+
+    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
+        """For each prompt, k sampled continuations as text (special tokens skipped)."""
+        ...
+
+
+def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix common to every row, leaving each row at least one token of its own."""
+    limit = min(len(row) for row in rows) - 1
+    length = 0
+    while length < limit and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return length
+
+
+class TransformersGenerator:
+    """Batched sampling with transformers, each shared prefix computed once.
+
+    The prompts' common prefix (system message and few-shot examples) is run once and its key/value cache
+    broadcast; each prompt's own tail is then run once and broadcast to its k samples, so neither the few-shot
+    prompt nor a prompt is recomputed per sample. Rows are laid out [common prefix][padding][own tail] with
+    position ids from the attention mask, which gives the same tokens as left-padded prompts alone.
+    """
+
+    def __init__(self, model, tokenizer, name: str, temperature: float = 0.8, top_p: float = 0.95,
+                 top_k: int = 0) -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+
+    def _layout(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token ids and attention mask [B, T] of the rows as [prefix][pad][tail], and the prefix length."""
+        common = _shared_prefix_length(rows)
+        width = max(len(row) for row in rows) - common
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(rows), common + width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        ids[:, :common], mask[:, :common] = torch.tensor(list(rows[0][:common]), dtype=torch.long), 1
+        for i, row in enumerate(rows):
+            tail = list(row[common:])
+            ids[i, ids.shape[1] - len(tail):], mask[i, ids.shape[1] - len(tail):] = torch.tensor(tail), 1
+        return ids, mask, common
+
+    @torch.no_grad()
+    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
+        """For each prompt (token ids), k samples; reproducible for the same rows, k, seed and length."""
+        from transformers import DynamicCache
+
+        ids, mask, common = self._layout(rows)
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            cache = DynamicCache(config=self.model.config)
+            if common:
+                self.model(input_ids=ids[:1, :common], past_key_values=cache, use_cache=True)
+                cache.batch_repeat_interleave(len(rows))
+            if ids.shape[1] - 1 > common:  # every tail but its last token, which generate runs itself
+                self.model(input_ids=ids[:, common:-1], attention_mask=mask[:, :-1],
+                           position_ids=positions[:, common:-1], past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(k)
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
+                                      past_key_values=cache, max_new_tokens=max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id, **self.decoding)
+        finally:
+            self.model.train(was_training)
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return [texts[i * k:(i + 1) * k] for i in range(len(rows))]
+
+
+class VLLMGenerator:
+    """The same interface on vLLM (GPU users generating at scale); needs the optional `vllm` package."""
+
+    def __init__(self, config: GenerateConfig) -> None:
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as error:
+            raise AssetError("backend 'vllm' needs the optional package vllm (`pip install vllm`, on a CUDA "
+                             "machine); use backend: transformers otherwise") from error
+        from cpwb.assets import resolve_model
+
+        self._sampling_params = SamplingParams
+        self._llm = LLM(model=resolve_model(config.generator), seed=config.seed, enable_prefix_caching=True,
+                        trust_remote_code=config.trust_remote_code)
+        self.tokenizer = self._llm.get_tokenizer()
+        self.name = _model_label(config.generator)
+        self.decoding = {"temperature": config.temperature, "top_p": config.top_p,
+                         "top_k": config.top_k if config.top_k > 0 else -1}
+
+    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
+        """For each prompt (token ids), k samples from vLLM, seeded per call."""
+        params = self._sampling_params(n=k, seed=seed, max_tokens=max_new_tokens, **self.decoding)
+        outputs = self._llm.generate([{"prompt_token_ids": list(row)} for row in rows], params, use_tqdm=False)
+        return [[choice.text for choice in output.outputs] for output in outputs]
+
+
+def _model_label(name: str) -> str:
+    """The provenance name of a model setting (the embedded default's real name for "default")."""
+    from cpwb.assets import DEFAULT_LM
+
+    return DEFAULT_LM if name == "default" else name
+
+
+@dataclass
+class GenerationModels:
+    """What a run needs loaded: the generator, the model to be trained (phi, token lengths) and the scorers."""
+
+    generator: Generator
+    target_model: Any
+    target_tokenizer: Any
+    scorer: Any
+    embedder: Any
+
+
+def load_models(config: GenerateConfig) -> GenerationModels:
+    """Load the generator (sharing the target model when it is the same), the target model and the scorers."""
+    from cpwb.assets import load_causal_lm, load_tokenizer
+    from cpwb.scoring import SentenceEmbedder, load_toxicity_scorer
+    from cpwb.train import pick_device
+
+    device = str(pick_device(config.device))
+    target = load_causal_lm(config.target_model, device, trust_remote_code=config.trust_remote_code)
+    target_tokenizer = load_tokenizer(config.target_model, trust_remote_code=config.trust_remote_code)
+    if config.backend == "vllm":
+        generator: Generator = VLLMGenerator(config)
+    elif config.generator == config.target_model:
+        generator = TransformersGenerator(target, target_tokenizer, _model_label(config.generator),
+                                          config.temperature, config.top_p, config.top_k)
+    else:
+        generator = TransformersGenerator(
+            load_causal_lm(config.generator, device, trust_remote_code=config.trust_remote_code),
+            load_tokenizer(config.generator, trust_remote_code=config.trust_remote_code),
+            _model_label(config.generator), config.temperature, config.top_p, config.top_k)
+    return GenerationModels(generator, target, target_tokenizer, load_toxicity_scorer(config.scorer),
+                            SentenceEmbedder.from_pretrained(config.embedder))
+
+
+# ------------------------------------------------------------------------------------------------ one chunk
+
+
+def chunk_seed(seed: int, chunk: int, prompt_index: int) -> int:
+    """The sampling seed of one prompt kind in one chunk: independent of which chunks ran before."""
+    return int(np.random.SeedSequence([seed, chunk, prompt_index]).generate_state(1)[0])
+
+
+def _score(models: GenerationModels, anchors: Sequence[Anchor], candidates: Sequence[list[Candidate]],
+           config: GenerateConfig) -> list[dict[str, float]]:
+    """Fill toxicity, similarity, phi and tokens of the candidates that passed the text filters; anchors' own."""
+    alive = [(i, c) for i, group in enumerate(candidates) for c in group if c.rejected_by is None]
+    texts = [a.text for a in anchors] + [c.text for _, c in alive]
+    toxicity = models.scorer.score(texts)
+    vectors = models.embedder.embed(texts)
+    nll = texts_nll(models.target_model, models.target_tokenizer, texts, batch_size=config.nll_batch_size,
+                    max_length=config.max_length)
+    for row, (i, candidate) in enumerate(alive, start=len(anchors)):
+        candidate.scores.update(toxicity=float(toxicity[row]), similarity=float(vectors[row] @ vectors[i]),
+                                phi=float(nll.phi[row]), tokens=int(nll.n_tokens[row]))
+    return [{"toxicity": float(toxicity[i]), "phi": float(nll.phi[i]), "tokens": int(nll.n_tokens[i])}
+            for i in range(len(anchors))]
+
+
+def process_chunk(anchors: Sequence[Anchor], models: GenerationModels, examples: dict[str, list[tuple[str, str]]],
+                  config: GenerateConfig, chunk: int) -> list[dict[str, Any]]:
+    """Generate, filter and choose for one chunk of anchors: one generation-log record per anchor."""
+    generator, thresholds = models.generator, config.thresholds()
+    longest = max(len(generator.tokenizer(a.text, add_special_tokens=False)["input_ids"]) for a in anchors)
+    max_new_tokens = min(config.max_new_tokens, math.ceil(config.length_ratio_max * longest) + 1)
+    candidates: list[list[Candidate]] = [[] for _ in anchors]
+    for prompt_index, (prompt_id, (side, system)) in enumerate(PROMPTS.items()):
+        rows = [prompt_ids(generator.tokenizer, a.text, chat=True, system=system, examples=examples[prompt_id])
+                for a in anchors]
+        samples = generator.sample(rows, config.paraphrases_per_anchor, chunk_seed(config.seed, chunk, prompt_index),
+                                   max_new_tokens)
+        for group, raws in zip(candidates, samples):
+            group += [Candidate(clean_generation(raw, config.normalize), side, "generated", generator.name, prompt_id,
+                                raw) for raw in raws]
+    for anchor, group in zip(anchors, candidates):
+        if config.human_fallback:
+            group += [Candidate(t, "positive", "human", raw=t) for t in anchor.human_positives]
+            group += [Candidate(t, "negative", "human", raw=t) for t in anchor.human_negatives]
+        apply_text_filters(anchor.text, group, thresholds)
+    records = []
+    for anchor, group, own in zip(anchors, candidates, _score(models, anchors, candidates, config)):
+        apply_score_filters(group, own["tokens"], thresholds)
+        prototype, reason = select_sets(group, own["phi"], config.n_positives, config.n_negatives, thresholds)
+        records.append({"id": anchor.id, "anchor": anchor.text, "group": anchor.group, "chunk": chunk,
+                        "kept": reason is None, "reason": reason, "prototype_phi": prototype, "anchor_scores": own,
+                        "candidates": [c.to_dict() for c in group]})
+    return records
+
+
+def pair_record(record: dict[str, Any], config: GenerateConfig) -> PairRecord:
+    """The pairs-schema record of a kept anchor: its chosen texts, hardest first, with provenance and scores."""
+    def chosen(side: str) -> tuple[PairText, ...]:
+        picked = sorted((c for c in record["candidates"] if c["selected"] and c["side"] == side),
+                        key=lambda c: c["rank"])
+        return tuple(PairText(c["text"], c["source"], c["generator"], c["prompt_id"], c["scores"]) for c in picked)
+
+    meta = {"dataset": config.anchors, "normalized": config.normalize, "prototype_phi": record["prototype_phi"],
+            "anchor_phi": record["anchor_scores"]["phi"], "anchor_toxicity": record["anchor_scores"]["toxicity"],
+            "target_model": _model_label(config.target_model), "seed": config.seed}
+    return PairRecord(record["id"], record["anchor"], chosen("positive"), chosen("negative"), record["group"], meta)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def _claim_output_dir(out: Path, config: GenerateConfig) -> None:
+    """Record the run's settings in a new folder, or check that an existing folder was started with the same."""
+    saved = out / CONFIG_FILE
+    settings = {k: v for k, v in to_dict(config).items() if k != "progress"}
+    if saved.is_file():
+        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds a generation run with other settings ({', '.join(changed)}); resume it "
+                              "with the same settings or choose another output_dir", saved, field=changed[0])
+        return
+    if (out / LOG_FILE).exists() or (out / PAIRS_FILE).exists():
+        raise ConfigError(f"{out} already holds {PAIRS_FILE} or {LOG_FILE} without {CONFIG_FILE}: not a run of "
+                          "cpwb generate; choose another output_dir", out, field="output_dir")
+    atomic_write_text(saved, yaml.safe_dump(settings, sort_keys=True))
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The generation log without a torn last line (rewritten atomically when one was cut, so appends stay clean)."""
+    records = read_jsonl_tolerant(path)
+    text = "".join(_json_line(r) for r in records)
+    if path.exists() and path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return records
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One record as append_jsonl writes it."""
+    return json.dumps(record, sort_keys=True, default=str) + "\n"
+
+
+def _prompts(out: Path, config: GenerateConfig, models: GenerationModels | None) -> dict[str, Any]:
+    """System prompts and few-shot examples of the run: read back when the run already chose them."""
+    path = out / PROMPTS_FILE
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from cpwb.scoring import load_toxicity_scorer
+
+    scorer = models.scorer if models is not None else load_toxicity_scorer(config.scorer)
+    examples = few_shot_examples(config, scorer) if config.n_examples else {p: [] for p in PROMPTS}
+    prompts = {p: {"side": side, "system": system, "examples": [list(e) for e in examples[p]]}
+               for p, (side, system) in PROMPTS.items()}
+    atomic_write_json(path, prompts)
+    return prompts
+
+
+def run_generation(config: GenerateConfig, models: GenerationModels | None = None,
+                   on_anchor: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Generate, filter and choose for every anchor, appending per anchor and resuming a stopped run; the pairs path.
+
+    `models` defaults to `load_models(config)` (loaded only if some anchor is left); `on_anchor` is called with each
+    anchor's log record after it is written. Ends by writing the dataset card and its figure.
+    """
+    out = Path(config.output_dir)
+    _claim_output_dir(out, config)
+    pairs_path, log_path = out / PAIRS_FILE, out / LOG_FILE
+    log = _read_log(log_path)
+    done = {r["id"] for r in log}
+    anchors = load_anchors(config)
+    chunks = [anchors[i:i + config.batch_size] for i in range(0, len(anchors), config.batch_size)]
+    todo = [c for c, chunk in enumerate(chunks) if any(a.id not in done for a in chunk)]
+    if todo:
+        models = models or load_models(config)
+        examples = {p: [tuple(e) for e in v["examples"]] for p, v in _prompts(out, config, models).items()}
+        written = {r.id for r in read_pairs_tolerant(pairs_path)}
+        with tqdm(total=len(anchors), initial=len(done), desc="anchors", disable=not config.progress) as bar:
+            for c in todo:
+                for record in process_chunk(chunks[c], models, examples, config, c):
+                    if record["id"] in done:
+                        continue
+                    if record["kept"] and record["id"] not in written:
+                        append_pair(pairs_path, pair_record(record, config))
+                    append_jsonl(log_path, record)
+                    log.append(record)
+                    done.add(record["id"])
+                    bar.update(1)
+                    if on_anchor is not None:
+                        on_anchor(record)
+    if not pairs_path.exists():
+        atomic_write_text(pairs_path, "")
+    write_card(out, config, log, _prompts(out, config, models))
+    return pairs_path
+
+
+# ------------------------------------------------------------------------------------------------ the card
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    def cell(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def _card_markdown(card: dict[str, Any]) -> str:
+    """The human-readable dataset card."""
+    config, counts, quantiles = card["config"], card["counts"], card["quantiles"]
+    dropped = ", ".join(f"{reason}: {n}" for reason, n in counts["dropped_by_reason"].items()) or "none"
+    funnel_columns = list(card["funnel"])
+    stages = ["offered", *[stage for stage, _ in STAGES], "selected"]
+    funnel_rows = [[stage, *[card["funnel"][col][stage] for col in funnel_columns]] for stage in stages]
+    quantity_rows = [[name, *[(quantiles.get(f"{side}s {subset} {name}") or {}).get(p) for side, subset, p in (
+        ("negative", "selected", "p50"), ("negative", "scored", "p50"), ("positive", "selected", "p50"),
+        ("positive", "scored", "p50"))]] for name in card["histogram_edges"]]
+    thresholds = {k: config[k] for k in ("t_neg", "t_pos", "s_min", "min_edit", "min_edit_negative", "length_ratio_min",
+                                         "length_ratio_max", "delta", "n_positives", "n_negatives")}
+    return "\n\n".join([
+        f"# Hard-negative pairs ({config['anchors']} anchors)",
+        f"Generator `{_model_label(config['generator'])}` ({config['backend']}), phi and lengths under "
+        f"`{_model_label(config['target_model'])}`, toxicity by `{config['scorer']}`, seed {config['seed']}, "
+        f"k = {config['paraphrases_per_anchor']} paraphrases per side, {config['n_examples']} few-shot examples. "
+        f"Data hash `{card['data_hash'][:16]}`.",
+        f"**Anchors:** {counts['anchors']}, kept {counts['anchors_kept']}, dropped {counts['anchors_dropped']} "
+        f"({dropped}). Texts chosen by source: {counts.get('selected_by_source', {})}.",
+        "## Thresholds\n\n" + _markdown_table(list(thresholds), [list(thresholds.values())]),
+        "## Filter funnel (texts left after each filter)\n\n" + _markdown_table(["stage", *funnel_columns],
+                                                                                  funnel_rows),
+        "## Medians\n\n" + _markdown_table(["quantity", "negatives chosen", "negatives scored", "positives chosen",
+                                            "positives scored"], quantity_rows),
+        "Histograms: `pairs_card.json` (fixed bins) and `figures/hard_negatives.html`.",
+        "Content warning: the negatives are offensive on purpose (toxicity research material).\n"])
+
+
+def write_card(out: Path, config: GenerateConfig, log: Sequence[dict[str, Any]], prompts: dict[str, Any]
+               ) -> dict[str, Any]:
+    """Write pairs_card.json, pairs_card.md and figures/hard_negatives.html for a run's log; returns the card."""
+    from cpwb.plots import save_figure
+
+    source = data_path("paradetox" if config.anchors == "paradetox" else "toxigen_seeds")
+    card = {"config": to_dict(config), "data_hash": data_hash([source]), "prompts": prompts,
+            "files": {"pairs": PAIRS_FILE, "log": LOG_FILE}, **card_statistics(log)}
+    atomic_write_json(out / "pairs_card.json", card)
+    atomic_write_text(out / "pairs_card.md", _card_markdown(card))
+    save_figure(hardness_figure(candidates_frame(log), config.thresholds()), out, "hard_negatives")
+    return card
+
+
+def describe_run(output_dir: str | Path) -> str:
+    """A few lines on a finished run, from its card: what the CLI prints."""
+    card = json.loads((Path(output_dir) / "pairs_card.json").read_text(encoding="utf-8"))
+    counts, quantiles = card["counts"], card["quantiles"]
+
+    def median(key: str) -> str:
+        value = (quantiles.get(key) or {}).get("p50")
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return (f"anchors: {counts['anchors']}, kept {counts['anchors_kept']}, dropped {counts['anchors_dropped']} "
+            f"{counts['dropped_by_reason']}\nnegatives chosen: median toxicity {median('negatives selected toxicity')}"
+            f", median similarity {median('negatives selected similarity')}, median phi gap "
+            f"{median('negatives selected phi_gap')}\npairs: {Path(output_dir) / PAIRS_FILE}\n"
+            f"card:  {Path(output_dir) / 'pairs_card.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cpwb.paraphrase --config FILE [-p key=value]`: the same as `cpwb generate`."""
+    from cpwb.cli import main as cli_main
+
+    return cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
