@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from cpwb.errors import InputError
 from cpwb.files import atomic_write_bytes
-from cpwb.nll import _decoder_and_head, encode, length_buckets
+from cpwb.nll import decoder_and_head, encode, length_buckets
 from cpwb.pairs import PairRecord
 from cpwb.scoring import SentenceEmbedder
 
@@ -47,11 +47,11 @@ def pair_texts(records: Sequence[PairRecord], n_pairs: int | None = None, positi
     Each pair gives its anchor, up to `positives_per_pair` positives other than the anchor text, and up to
     `negatives_per_pair` negatives.
     """
-    for name, value in (("positives_per_pair", positives_per_pair), ("negatives_per_pair", negatives_per_pair)):
-        if value < 0:
-            raise InputError(f"must be >= 0, got {value}", field=name)
-    if negatives_per_pair == 0:
-        raise InputError("must be >= 1: without negatives there is no toxic class", field="negatives_per_pair")
+    if positives_per_pair < 0:
+        raise InputError(f"must be >= 0, got {positives_per_pair}", field="positives_per_pair")
+    if negatives_per_pair < 1:
+        raise InputError(f"must be >= 1 (the negatives are the toxic class), got {negatives_per_pair}",
+                         field="negatives_per_pair")
     rows = []
     for record in list(records)[:n_pairs]:
         positives = [p.text for p in record.positives if p.text != record.anchor][:positives_per_pair]
@@ -155,7 +155,7 @@ def hidden_states(model, tokenizer, texts: Sequence[str], layers: Sequence[int] 
         raise InputError(f"must be one of {list(POOLINGS)}, got {pooling!r}", field="pooling")
     texts = _check_texts(texts)
     layers = resolve_layers(model, layers)
-    decoder, _, _ = _decoder_and_head(model)
+    decoder, _, _ = decoder_and_head(model)
     device = next(model.parameters()).device
     out = {layer: np.zeros((len(texts), decoder.config.hidden_size), dtype=np.float32) for layer in layers}
     was_training = model.training
@@ -187,8 +187,8 @@ def model_embeddings(model, tokenizer, texts: Sequence[str], layers: Sequence[in
                      batch_size: int = 16, max_length: int = 128, progress: bool = False) -> dict[int, np.ndarray]:
     """`hidden_states` with the adapter on or off (`use_adapter`, for peft models), cached per layer in `cache_dir`.
 
-    All layers missing from the cache come from one forward pass; the cache key covers the model's and the
-    adapter's weights, the layer, pooling, max_length and the texts.
+    All layers missing from the cache come from one forward pass; the cache key covers the model (its name, or its
+    weights when it has none), the adapter's weights, the layer, pooling, max_length and the texts.
     """
     texts = _check_texts(texts)
     layers = resolve_layers(model, layers)
@@ -230,7 +230,7 @@ def project(spaces: Mapping[str, np.ndarray], fit_on: str = "joint", n_component
 
     One UMAP fit per call (numba compiles once per process). The data are standardised with the statistics of
     the fitted set and compared by cosine; spaces not fitted on are placed with `transform`, so base and CP points
-    share coordinates either way.
+    share coordinates either way (`transform` moves a point by more than a joint fit does: prefer joint to compare).
     """
     import umap
 
@@ -417,7 +417,8 @@ def adapter_run(adapter: str, run_dir: str | Path, model: str = "default", steps
     """The adapter to compare with its base: `adapter` if given, else notebook 02's in `run_dir`, else train one.
 
     The short fallback run (`steps`, `lr`, `seed`, ParaDetox pairs) goes to `run_dir/train-04` and resumes there.
-    Held-out pairs come from the adapter's run config when its folder has one, else from ParaDetox's split.
+    Base model and held-out pairs come from the adapter's run config (config.yaml beside it) when there is one,
+    else `model` and ParaDetox's held-out split.
     """
     from cpwb.config import load_yaml_config
     from cpwb.train import TrainConfig, load_training_pairs, train

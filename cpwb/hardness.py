@@ -143,8 +143,10 @@ def hardness_distance(candidate: Candidate, reference_phi: float, thresholds: Th
 def _hardest(candidates: Iterable[Candidate], reference_phi: float, thresholds: Thresholds, n: int
              ) -> list[Candidate]:
     """The n hardest candidates, generated ones before human ones (humans only fill what generation could not)."""
-    ranked = sorted(candidates, key=lambda c: (c.source != "generated", hardness_distance(c, reference_phi, thresholds)))
-    return ranked[:n]
+    def key(candidate: Candidate) -> tuple[bool, float]:
+        return candidate.source != "generated", hardness_distance(candidate, reference_phi, thresholds)
+
+    return sorted(candidates, key=key)[:n]
 
 
 def select_sets(candidates: Sequence[Candidate], anchor_phi: float, n_positives: int, n_negatives: int,
@@ -277,8 +279,9 @@ def hardness_figure(frame: pd.DataFrame, thresholds: Thresholds) -> go.Figure:
         for side in SIDES:
             for subset, colour, label in ((scored, colours[side][0], "scored"),
                                           (scored[scored.selected], colours[side][1], "selected")):
-                fig.add_trace(go.Histogram(x=subset[subset.side == side][column], name=f"{side}s {label}", marker_color=colour, opacity=0.75,
-                                           legendgroup=f"{side}{label}", showlegend=index == 0), row, col)
+                fig.add_trace(go.Histogram(x=subset[subset.side == side][column], name=f"{side}s {label}",
+                                           marker_color=colour, opacity=0.75, legendgroup=f"{side}{label}",
+                                           showlegend=index == 0), row, col)
         for value in lines:
             fig.add_vline(x=value, line_dash="dot", line_color="grey", row=row, col=col)
         fig.update_xaxes(title_text=title, row=row, col=col)

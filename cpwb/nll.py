@@ -96,7 +96,7 @@ def encode(tokenizer, texts: Sequence[str], contexts: Sequence[str] | None = Non
     return TokenBatch(input_ids, attention, target)
 
 
-def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
     """The transformer body, the LM head and the logit soft-cap of a (possibly peft-wrapped) causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     softcap = getattr(base.config, "final_logit_softcapping", None)
@@ -139,7 +139,7 @@ def _over_chunks(fn, head: torch.nn.Module, first: torch.Tensor, second: torch.T
 
 def scored_states(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Final hidden states that predict the scored tokens [N, H], with their (row, column) in the batch."""
-    decoder, _, _ = _decoder_and_head(model)
+    decoder, _, _ = decoder_and_head(model)
     mask = batch.attention_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
@@ -155,7 +155,7 @@ def sequence_nll(model, batch: TokenBatch, return_token_nll: bool = False, keep_
 
     `keep_states` keeps the scored hidden states on the result, for a KL term that reuses this forward pass.
     """
-    _, head, softcap = _decoder_and_head(model)
+    _, head, softcap = decoder_and_head(model)
     states, rows, cols = scored_states(model, batch)
     targets = batch.input_ids[:, 1:][rows, cols]
     token_values = _over_chunks(_chunk_nll, head, states, targets, softcap, chunk_logit_elements)
@@ -175,7 +175,7 @@ def sequence_kl(model, stats: SequenceNLL, base_states: torch.Tensor,
 
     `base_states` are `scored_states` of the same batch under the frozen base (e.g. a peft adapter disabled).
     """
-    _, head, softcap = _decoder_and_head(model)
+    _, head, softcap = decoder_and_head(model)
     token_kl = _over_chunks(_chunk_kl, head, stats.states, base_states, softcap, chunk_logit_elements)
     kl_sum = torch.zeros_like(stats.nll_sum).index_add(0, stats.rows, token_kl)
     return kl_sum / stats.n_tokens

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from cpwb.evaluate import phi_gap
 from cpwb.nll import texts_nll
 from cpwb.scoring import SentenceEmbedder, ToxicityScorer
 
@@ -12,17 +13,13 @@ from cpwb.scoring import SentenceEmbedder, ToxicityScorer
 def paired_table(model, tokenizer, scorer: ToxicityScorer, embedder: SentenceEmbedder, toxic: Sequence[str],
                  neutral: Sequence[str], batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
     """One row per (toxic, neutral) pair: both texts, their toxicity, their similarity, their phi and the gap."""
-    if len(toxic) != len(neutral):
-        raise ValueError(f"toxic and neutral differ in length ({len(toxic)} vs {len(neutral)})")
-    phi = texts_nll(model, tokenizer, list(toxic) + list(neutral), batch_size=batch_size, progress=progress).phi
-    table = pd.DataFrame({
+    gap = phi_gap(model, tokenizer, toxic, neutral, batch_size=batch_size, progress=progress)
+    return pd.DataFrame({
         "toxic": list(toxic), "neutral": list(neutral),
         "tox_toxic": scorer.score(toxic), "tox_neutral": scorer.score(neutral),
         "similarity": embedder.similarity(toxic, neutral),
-        "phi_toxic": phi[:len(toxic)], "phi_neutral": phi[len(toxic):],
+        "phi_toxic": gap["phi_toxic"], "phi_neutral": gap["phi_neutral"], "phi_gap": gap["gaps"],
     })
-    table["phi_gap"] = table.phi_toxic - table.phi_neutral
-    return table
 
 
 def phi_before_after(peft_model, tokenizer, records: Sequence, batch_size: int = 16) -> pd.DataFrame:

@@ -14,12 +14,12 @@ its own, so a resumed run regenerates an unfinished chunk identically and writes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -38,13 +38,16 @@ from cpwb.hardness import (STAGES, Candidate, Thresholds, apply_score_filters, a
 from cpwb.nll import texts_nll
 from cpwb.pairs import PairRecord, PairText, append_pair, read_pairs_tolerant
 
-PAIRS_FILE, LOG_FILE, CONFIG_FILE, PROMPTS_FILE = "pairs.jsonl", "generation_log.jsonl", "generate_config.yaml", \
-    "prompts.json"
+PAIRS_FILE = "pairs.jsonl"
+LOG_FILE = "generation_log.jsonl"
+CONFIG_FILE = "generate_config.yaml"
+PROMPTS_FILE = "prompts.json"
 # Few-shot examples come from the last ParaDetox rows; anchors never do.
 FEW_SHOT_POOL_ROWS = 2000
 EXAMPLE_MIN_TOXICITY = 0.9  # a toxic example must be unmistakable to the scorer
 EXAMPLE_MAX_EDIT = 0.6  # and a rewrite of its neutral side, not another sentence
 EXAMPLE_MAX_CHARS = 100  # short examples keep the shared prompt prefix short
+EXAMPLE_SCORING_BATCH = 64
 # prompt id -> (side it generates, system message)
 PROMPTS = {
     "neutral-v1": ("positive", "You paraphrase sentences: the same meaning in other words, in a calm and polite "
@@ -54,7 +57,7 @@ PROMPTS = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class GenerateConfig:
     """Every setting of a hard-negative generation run; configs/generate_default.yaml mirrors it."""
 
@@ -95,7 +98,7 @@ class GenerateConfig:
     delta: float = 1.0
     # selection
     n_positives: int = 2
-    n_negatives: int = 2
+    n_negatives: int = 1
     output_dir: str = "outputs/generate"
     progress: bool = True
 
@@ -126,15 +129,13 @@ class GenerateConfig:
 
     def thresholds(self) -> Thresholds:
         """The filter thresholds of this run."""
-        return Thresholds(t_neg=self.t_neg, t_pos=self.t_pos, s_min=self.s_min, min_edit=self.min_edit,
-                          min_edit_negative=self.min_edit_negative, length_ratio_min=self.length_ratio_min, length_ratio_max=self.length_ratio_max,
-                          delta=self.delta)
+        return Thresholds(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Thresholds)})
 
 
 # ---------------------------------------------------------------------------------------- anchors, prompts
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Anchor:
     """A non-toxic statement to paraphrase, with the human paraphrases a fallback may use."""
 
@@ -191,14 +192,20 @@ def few_shot_examples(config: GenerateConfig, scorer) -> dict[str, list[tuple[st
     rng = random.Random(config.seed)
     examples = {}
     for prompt_id, candidates in pairs.items():
-        sources, targets = scorer.score([s for s, _ in candidates]), scorer.score([t for _, t in candidates])
+        rng.shuffle(candidates)
         (s_low, s_high), (t_low, t_high) = bounds[prompt_id]
-        fitting = [pair for pair, s, t in zip(candidates, sources, targets)
-                   if s_low <= s <= s_high and t_low <= t <= t_high
-                   and config.min_edit <= edit_ratio(*pair) <= EXAMPLE_MAX_EDIT]
-        if len(fitting) < config.n_examples:
-            raise ConfigError(f"only {len(fitting)} ParaDetox rows fit as {prompt_id} examples", field="n_examples")
-        examples[prompt_id] = rng.sample(fitting, config.n_examples)
+        chosen: list[tuple[str, str]] = []
+        for start in range(0, len(candidates), EXAMPLE_SCORING_BATCH):  # score only as many rows as needed
+            if len(chosen) >= config.n_examples:
+                break
+            batch = candidates[start:start + EXAMPLE_SCORING_BATCH]
+            sources, targets = scorer.score([s for s, _ in batch]), scorer.score([t for _, t in batch])
+            chosen += [pair for pair, s, t in zip(batch, sources, targets)
+                       if s_low <= s <= s_high and t_low <= t <= t_high
+                       and config.min_edit <= edit_ratio(*pair) <= EXAMPLE_MAX_EDIT]
+        if len(chosen) < config.n_examples:
+            raise ConfigError(f"only {len(chosen)} ParaDetox rows fit as {prompt_id} examples", field="n_examples")
+        examples[prompt_id] = chosen[:config.n_examples]
     return examples
 
 
@@ -237,14 +244,14 @@ class TransformersGenerator:
     def __init__(self, model, tokenizer, name: str, temperature: float = 0.8, top_p: float = 0.95,
                  top_k: int = 0) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
 
     def _layout(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Token ids and attention mask [B, T] of the rows as [prefix][pad][tail], and the prefix length."""
         common = _shared_prefix_length(rows)
         width = max(len(row) for row in rows) - common
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        ids = torch.full((len(rows), common + width), pad, dtype=torch.long)
+        ids = torch.full((len(rows), common + width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         ids[:, :common], mask[:, :common] = torch.tensor(list(rows[0][:common]), dtype=torch.long), 1
         for i, row in enumerate(rows):
@@ -273,9 +280,9 @@ class TransformersGenerator:
                            position_ids=positions[:, common:-1], past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(k)
             torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
-                                      past_key_values=cache, max_new_tokens=max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id, **self.decoding)
+            out = self.model.generate(input_ids=ids.repeat_interleave(k, 0),
+                                      attention_mask=mask.repeat_interleave(k, 0), past_key_values=cache,
+                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, **self.decoding)
         finally:
             self.model.train(was_training)
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
@@ -315,7 +322,7 @@ def _model_label(name: str) -> str:
     return DEFAULT_LM if name == "default" else name
 
 
-@dataclass
+@dataclasses.dataclass
 class GenerationModels:
     """What a run needs loaded: the generator, the model to be trained (phi, token lengths) and the scorers."""
 
@@ -437,17 +444,11 @@ def _claim_output_dir(out: Path, config: GenerateConfig) -> None:
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
-    """The generation log without a torn last line (rewritten atomically when one was cut, so appends stay clean)."""
+    """The generation log without a torn last line (cut atomically when a crash left one, so appends stay clean)."""
     records = read_jsonl_tolerant(path)
-    text = "".join(_json_line(r) for r in records)
-    if path.exists() and path.read_text(encoding="utf-8") != text:
-        atomic_write_text(path, text)
+    if path.exists() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
     return records
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    """One record as append_jsonl writes it."""
-    return json.dumps(record, sort_keys=True, default=str) + "\n"
 
 
 def _prompts(out: Path, config: GenerateConfig, models: GenerationModels | None) -> dict[str, Any]:
@@ -458,7 +459,7 @@ def _prompts(out: Path, config: GenerateConfig, models: GenerationModels | None)
     from cpwb.scoring import load_toxicity_scorer
 
     scorer = models.scorer if models is not None else load_toxicity_scorer(config.scorer)
-    examples = few_shot_examples(config, scorer) if config.n_examples else {p: [] for p in PROMPTS}
+    examples = few_shot_examples(config, scorer)
     prompts = {p: {"side": side, "system": system, "examples": [list(e) for e in examples[p]]}
                for p, (side, system) in PROMPTS.items()}
     atomic_write_json(path, prompts)
@@ -556,6 +557,11 @@ def write_card(out: Path, config: GenerateConfig, log: Sequence[dict[str, Any]],
     atomic_write_text(out / "pairs_card.md", _card_markdown(card))
     save_figure(hardness_figure(candidates_frame(log), config.thresholds()), out, "hard_negatives")
     return card
+
+
+def read_log(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The generation log of a run folder: one record per anchor processed so far, with every candidate."""
+    return read_jsonl_tolerant(Path(output_dir) / LOG_FILE)
 
 
 def describe_run(output_dir: str | Path) -> str:

@@ -165,10 +165,12 @@ class CompareExplorer(Explorer):
         self.results: list[Continuation] = []
         self.runs = 0
         style = {"description_width": "initial"}
+        # synced once when the box loses focus (pressing Generate does that) rather than per keystroke: throttled
+        # keystroke updates could reach the kernel after the click and generate from a stale prompt
         self.prompt = widgets.Textarea(value=prompt, placeholder="a prompt to continue", description="prompt",
-                                       layout=widgets.Layout(width="98%", height="4em"))
+                                       continuous_update=False, layout=widgets.Layout(width="98%", height="4em"))
         self.temperature = widgets.FloatSlider(value=temperature, min=0.0, max=1.5, step=0.05, style=style,
-                                               description="temperature (0 = greedy)")
+                                               description="temperature")
         self.top_p = widgets.FloatSlider(value=top_p, min=0.05, max=1.0, step=0.05, description="top-p", style=style)
         self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=100, description="max tokens",
                                                 style=style)

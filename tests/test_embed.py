@@ -1,15 +1,17 @@
 """Embedding spaces: pooling that ignores padding, the on-disk cache, layer indices, separation numbers, figures."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
-import torch
 
-from cpwb.embed import (NON_TOXIC, TOXIC, hidden_states, layer_sweep, layer_sweep_figure, model_embeddings,
+from cpwb.embed import (NON_TOXIC, TOXIC, adapter_run, hidden_states, layer_sweep, layer_sweep_figure, model_embeddings,
                         model_fingerprint, pair_texts, probe_scores, project, projection_figure, resolve_layers,
                         separation, silhouette)
 from cpwb.errors import InputError
 from cpwb.pairs import PairRecord, PairText
+from cpwb.train import TrainConfig, load_training_pairs
 from tests.conftest import make_tiny_lm
 
 TEXTS = ["you are a complete idiot and everyone knows it", "thanks", "the weather is nice today, isn't it?"]
@@ -175,3 +177,21 @@ def test_umap_projection_is_seeded_and_shares_coordinates():
     assert joint["CP"].shape == (40, 3)
     with pytest.raises(InputError, match="fit_on"):
         project({"base": base}, fit_on="CP")
+
+
+def test_adapter_run_trains_only_without_an_adapter_and_prefers_notebook_02s(tmp_path, default_lm):
+    tokenizer = default_lm[1]
+    folder = tmp_path / "model"
+    make_tiny_lm(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    trained = adapter_run("", tmp_path / "run", model=str(folder), steps=1)
+    assert trained.adapter_dir == tmp_path / "run" / "train-04" / "adapter"
+    assert (trained.adapter_dir / "adapter_model.safetensors").is_file() and trained.model == str(folder)
+    train_ids = {r.id for r in load_training_pairs(TrainConfig(model=str(folder)))[0]}
+    assert trained.heldout and not train_ids & {r.id for r in trained.heldout}
+    shutil.copytree(trained.adapter_dir.parent, tmp_path / "run" / "train")
+    shutil.rmtree(trained.adapter_dir.parent)
+    assert adapter_run("", tmp_path / "run").adapter_dir == tmp_path / "run" / "train" / "adapter"
+    assert not (tmp_path / "run" / "train-04").exists()  # nothing trained: notebook 02's adapter is used
+    with pytest.raises(InputError, match="adapter: not an adapter folder"):
+        adapter_run(str(tmp_path / "model"), tmp_path / "run")

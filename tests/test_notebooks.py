@@ -42,7 +42,8 @@ def test_every_notebook_executes_with_papermill(tmp_path):
     assert [r.status for r in results] == ["completed"] * len(NOTEBOOKS)
     record = json.loads((run_dir / "run.json").read_text())
     assert set(record["notebooks"]) == {p.name for p in NOTEBOOKS}
-    for figure in ("tour_paired_phi", "training_curves", "heldout_phi_gap"):
+    for figure in ("tour_paired_phi", "training_curves", "heldout_phi_gap", "embedding_umap",
+                   "embedding_layer_sweep"):
         assert (run_dir / "figures" / f"{figure}.html").stat().st_size > 100_000  # plotly inlined
     assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
 

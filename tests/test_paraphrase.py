@@ -206,23 +206,25 @@ def test_an_interrupted_run_resumes_without_duplicated_or_lost_anchors(tmp_path,
     with pytest.raises(Stop):
         run_generation(stopped, models, on_anchor=stop_after_three)
     assert len(_log(stopped)) == 3
-    run_generation(stopped, models, on_anchor=seen.append)
+    run_generation(stopped, models, on_anchor=lambda record: seen.append(record["id"]))
     assert len(seen) == 6 == len(set(seen))  # the resumed run wrote only the three missing anchors
     for name in ("pairs.jsonl", LOG_FILE):
         assert (tmp_path / "stopped" / "run" / name).read_text() == (tmp_path / "whole" / "run" / name).read_text()
 
 
-def test_a_crash_between_the_pair_and_its_log_line_is_repaired(tmp_path, models):
+@pytest.mark.parametrize("torn", ["log line", "pair line"])
+def test_a_crash_while_appending_is_repaired_on_resume(tmp_path, models, torn):
     config = small_config(tmp_path)
     run_generation(config, models)
     pairs_path, log_path = tmp_path / "run" / "pairs.jsonl", tmp_path / "run" / LOG_FILE
     complete_pairs, complete_log = pairs_path.read_text(), log_path.read_text()
-    kept = [r for r in _log(config) if r["kept"]]
     last_kept = max(i for i, r in enumerate(_log(config)) if r["kept"])
-    lines = complete_log.splitlines(keepends=True)
-    # the last kept anchor's pair is on file, its log line torn, the anchors after it never ran
-    log_path.write_text("".join(lines[:last_kept]) + lines[last_kept][:40])
-    assert kept
+    log_lines, pair_lines = complete_log.splitlines(keepends=True), complete_pairs.splitlines(keepends=True)
+    if torn == "log line":  # the last kept anchor's pair is on file, its log line half written
+        log_path.write_text("".join(log_lines[:last_kept]) + log_lines[last_kept][:40])
+    else:  # its pair line half written, its log line never started
+        log_path.write_text("".join(log_lines[:last_kept]))
+        pairs_path.write_text("".join(pair_lines[:-1]) + pair_lines[-1][:40])
     run_generation(config, models)
     assert pairs_path.read_text() == complete_pairs and log_path.read_text() == complete_log
 

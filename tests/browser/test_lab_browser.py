@@ -162,6 +162,25 @@ def _notebook_errors(driver) -> str:
     return "\n".join(e.text for e in shown) or "(no error output in the notebook)"
 
 
+def _check_playground_reacts(driver, picture: Path) -> None:
+    """Move the loss playground's "phi N1" slider with the keyboard and wait for the live figure's title to change."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    playground = driver.find_element(By.CSS_SELECTOR, ".cpwb-loss-playground")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", playground)
+    title = playground.find_element(By.CSS_SELECTOR, ".gtitle").text
+    handle = playground.find_element(By.XPATH, ".//div[contains(@class,'widget-slider')]"
+                                               "[.//label[normalize-space()='phi N1']]//div[contains(@class,'noUi-handle')]")
+    handle.click()
+    handle.send_keys(Keys.ARROW_RIGHT * 30)  # 30 steps of 0.05: N1 from 2.80 to 4.30, from hard to easy
+    readout = playground.find_element(By.CSS_SELECTOR, ".cpwb-loss-readout")
+    WebDriverWait(driver, 60).until(lambda _: "N1 4.30" in readout.text)  # the kernel saw every key press
+    assert playground.find_element(By.CSS_SELECTOR, ".gtitle").text != title  # and redrew the live figure
+    atomic_write_bytes(picture, playground.screenshot_as_png)
+
+
 def _side_text(driver, side: str, part: str) -> str:
     """Text of one part (.cpwb-tox, .cpwb-text, ...) of one side of the live compare widget."""
     from selenium.webdriver.common.by import By
@@ -173,6 +192,7 @@ def _side_text(driver, side: str, part: str) -> str:
 def test_tour_runs_in_jupyterlab_and_generate_shows_both_continuations(lab, browser):
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -189,14 +209,15 @@ def test_tour_runs_in_jupyterlab_and_generate_shows_both_continuations(lab, brow
         assert browser.find_elements(By.CSS_SELECTOR, ".cpwb-loss-playground .js-plotly-plot"), \
             "the loss playground's live plotly figure is not on the page"
         assert browser.find_elements(By.CSS_SELECTOR, ".cpwb-pairs-browser .cpwb-pairs-table")
+        _check_playground_reacts(browser, lab.root / "run" / "browser_test_loss_playground.png")
         box = browser.find_element(By.CSS_SELECTOR, ".cpwb-compare textarea")
-        box.clear()
+        box.send_keys(Keys.CONTROL, "a")  # select the notebook's prompt and type over it, as a person would
         box.send_keys(NEW_PROMPT)
         browser.find_element(By.CSS_SELECTOR, ".cpwb-compare button.cpwb-generate").click()
         WebDriverWait(browser, GENERATE_TIMEOUT_S).until(ec.text_to_be_present_in_element(
             (By.CSS_SELECTOR, ".cpwb-compare .cpwb-status"), "run 2"))
         status = browser.find_element(By.CSS_SELECTOR, ".cpwb-compare .cpwb-status").text
-        assert f"prompt: {NEW_PROMPT}" in status
+        assert f"prompt: {NEW_PROMPT}" in status, status
         for side in ("base", "cp"):
             assert re.fullmatch(r"toxicity [01]\.\d{3}", _side_text(browser, side, ".cpwb-tox")), side
             assert _side_text(browser, side, ".cpwb-text").strip(), f"{side} continuation is empty"

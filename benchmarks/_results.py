@@ -1,0 +1,68 @@
+"""Shared by the benchmarks: append one row per measured metric to benchmarks/results.csv, atomically.
+
+Rows follow the Liger-Kernel benchmark table: what ran (benchmark, config as JSON), the metric and its unit, the
+20th/50th/80th percentiles over the repeats, where it ran (device) and with what (versions), and when.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpwb.files import atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results.csv"
+COLUMNS = ("benchmark", "config", "metric", "unit", "p20", "p50", "p80", "repeats", "device", "versions",
+           "timestamp")
+
+
+def device_name() -> str:
+    """The accelerator's name, else the CPU model with the number of torch threads."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def versions() -> dict[str, str]:
+    """Versions of what the numbers depend on."""
+    import torch
+    import transformers
+
+    import cpwb
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpwb": cpwb.__version__}
+
+
+def append_result(benchmark: str, config: Mapping[str, Any], metric: str, unit: str, values: Sequence[float],
+                  path: str | Path = RESULTS) -> dict[str, Any]:
+    """Append the percentiles of `values` (one per repeat) as a row of `path`; returns the row."""
+    p20, p50, p80 = (float(v) for v in np.percentile(np.asarray(values, dtype=float), [20, 50, 80]))
+    row = {"benchmark": benchmark, "config": json.dumps(dict(config), sort_keys=True), "metric": metric,
+           "unit": unit, "p20": p20, "p50": p50, "p80": p80, "repeats": len(values), "device": device_name(),
+           "versions": json.dumps(versions(), sort_keys=True),
+           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = Path(path)
+    previous = path.read_text(encoding="utf-8") if path.is_file() else ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    if not previous:
+        writer.writeheader()
+    writer.writerow(row)
+    atomic_write_text(path, previous + buffer.getvalue())
+    return row
