@@ -18,7 +18,7 @@ toxic edit of it, the hardest negative there is, while a non-toxic one fails the
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -248,6 +248,43 @@ def card_statistics(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"counts": counts, "funnel": funnel(frame).to_dict() if not frame.empty else {},
             "quantiles": quantities, "histogram_edges": {k: v.tolist() for k, v in HISTOGRAM_EDGES.items()},
             "histograms": histograms}
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table, floats to three decimals."""
+    def cell(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def card_markdown(card: Mapping[str, Any]) -> str:
+    """The human-readable dataset card of a generation run (config, models, counts, thresholds, funnel, medians)."""
+    config, counts, quantiles = card["config"], card["counts"], card["quantiles"]
+    dropped = ", ".join(f"{reason}: {n}" for reason, n in counts["dropped_by_reason"].items()) or "none"
+    funnel_columns = list(card["funnel"])
+    stages = ["offered", *[stage for stage, _ in STAGES], "selected"]
+    funnel_rows = [[stage, *[card["funnel"][column][stage] for column in funnel_columns]] for stage in stages]
+    subsets = [("negative", "selected"), ("negative", "scored"), ("positive", "selected"), ("positive", "scored")]
+    median_rows = [[name, *[(quantiles.get(f"{side}s {subset} {name}") or {}).get("p50") for side, subset in subsets]]
+                   for name in HISTOGRAM_EDGES]
+    settings = [f.name for f in fields(Thresholds)] + ["n_positives", "n_negatives"]
+    return "\n\n".join([
+        f"# Hard-negative pairs ({config['anchors']} anchors)",
+        f"Generator `{card['models']['generator']}` ({config['backend']}), phi and lengths under "
+        f"`{card['models']['target_model']}`, toxicity by `{config['scorer']}`, seed {config['seed']}, "
+        f"k = {config['paraphrases_per_anchor']} paraphrases per side, {config['n_examples']} few-shot examples. "
+        f"Data hash `{card['data_hash'][:16]}`.",
+        f"**Anchors:** {counts['anchors']}, kept {counts['anchors_kept']}, dropped {counts['anchors_dropped']} "
+        f"({dropped}). Texts chosen by source: {counts.get('selected_by_source', {})}.",
+        "## Thresholds\n\n" + _markdown_table(settings, [[config[name] for name in settings]]),
+        "## Filter funnel (texts left after each filter)\n\n" + _markdown_table(["stage", *funnel_columns],
+                                                                                  funnel_rows),
+        "## Medians\n\n" + _markdown_table(["quantity", *[f"{side}s {subset}" for side, subset in subsets]],
+                                            median_rows),
+        "Histograms: `pairs_card.json` (fixed bins) and `figures/hard_negatives.html`.",
+        "Content warning: the negatives are offensive on purpose (toxicity research material).\n"])
 
 
 def examples_table(log: Sequence[Mapping[str, Any]], n: int = 10) -> pd.DataFrame:

@@ -33,8 +33,8 @@ from cpwb.data import data_hash, data_path, load_paradetox, load_toxigen_seeds, 
 from cpwb.errors import AssetError, ConfigError
 from cpwb.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from cpwb.generate import prompt_ids
-from cpwb.hardness import (STAGES, Candidate, Thresholds, apply_score_filters, apply_text_filters, candidates_frame,
-                           card_statistics, clean_generation, edit_ratio, hardness_figure, select_sets)
+from cpwb.hardness import (Candidate, Thresholds, apply_score_filters, apply_text_filters, candidates_frame,
+                           card_markdown, card_statistics, clean_generation, edit_ratio, hardness_figure, select_sets)
 from cpwb.nll import texts_nll
 from cpwb.pairs import PairRecord, PairText, append_pair, read_pairs_tolerant
 
@@ -45,7 +45,9 @@ PROMPTS_FILE = "prompts.json"
 # Few-shot examples come from the last ParaDetox rows; anchors never do.
 FEW_SHOT_POOL_ROWS = 2000
 EXAMPLE_MIN_TOXICITY = 0.9  # a toxic example must be unmistakable to the scorer
-EXAMPLE_MAX_EDIT = 0.6  # and a rewrite of its neutral side, not another sentence
+# Edit-ratio range between an example's two sides: a rewrite of one sentence, not another sentence. Neutral
+# examples must reword clearly: with [0.1, 0.6] SmolLM2-135M copied 34% of anchors, with [0.3, 0.7] 5%.
+EXAMPLE_EDIT = {"toxic-v1": (0.1, 0.6), "neutral-v1": (0.3, 0.7)}
 EXAMPLE_MAX_CHARS = 100  # short examples keep the shared prompt prefix short
 EXAMPLE_SCORING_BATCH = 64
 # prompt id -> (side it generates, system message)
@@ -181,7 +183,7 @@ def few_shot_examples(config: GenerateConfig, scorer) -> dict[str, list[tuple[st
 
     Toxic prompt: neutral -> toxic pairs whose toxic side the scorer calls toxic (>= EXAMPLE_MIN_TOXICITY) and
     whose neutral side is not (<= t_pos). Neutral prompt: two human neutral paraphrases of one row, both <= t_pos.
-    Both kinds are rewrites of one sentence: edit ratio within [min_edit, EXAMPLE_MAX_EDIT].
+    Both kinds are rewrites of one sentence, with an edit ratio within EXAMPLE_EDIT.
     """
     clean = normalize_text if config.normalize else str.strip
     rows = [r for r in load_paradetox()[-FEW_SHOT_POOL_ROWS:] if len(r.toxic) <= EXAMPLE_MAX_CHARS]
@@ -194,6 +196,7 @@ def few_shot_examples(config: GenerateConfig, scorer) -> dict[str, list[tuple[st
     for prompt_id, candidates in pairs.items():
         rng.shuffle(candidates)
         (s_low, s_high), (t_low, t_high) = bounds[prompt_id]
+        edit_low, edit_high = EXAMPLE_EDIT[prompt_id]
         chosen: list[tuple[str, str]] = []
         for start in range(0, len(candidates), EXAMPLE_SCORING_BATCH):  # score only as many rows as needed
             if len(chosen) >= config.n_examples:
@@ -202,7 +205,7 @@ def few_shot_examples(config: GenerateConfig, scorer) -> dict[str, list[tuple[st
             sources, targets = scorer.score([s for s, _ in batch]), scorer.score([t for _, t in batch])
             chosen += [pair for pair, s, t in zip(batch, sources, targets)
                        if s_low <= s <= s_high and t_low <= t <= t_high
-                       and config.min_edit <= edit_ratio(*pair) <= EXAMPLE_MAX_EDIT]
+                       and edit_low <= edit_ratio(*pair) <= edit_high]
         if len(chosen) < config.n_examples:
             raise ConfigError(f"only {len(chosen)} ParaDetox rows fit as {prompt_id} examples", field="n_examples")
         examples[prompt_id] = chosen[:config.n_examples]
@@ -233,19 +236,28 @@ def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 
 class TransformersGenerator:
-    """Batched sampling with transformers, each shared prefix computed once.
+    """Batched sampling with transformers: shared prompt prefixes computed once, finished rows leave the batch.
 
     The prompts' common prefix (system message and few-shot examples) is run once and its key/value cache
-    broadcast; each prompt's own tail is then run once and broadcast to its k samples, so neither the few-shot
-    prompt nor a prompt is recomputed per sample. Rows are laid out [common prefix][padding][own tail] with
+    broadcast; each prompt's own tail is run once and broadcast to its k samples. Decoding then drops every row
+    that has emitted its end token, so the work per step follows the rows still writing (a synchronous batch
+    keeps computing finished rows until the longest is done). Rows are laid out [prefix][padding][own tail] with
     position ids from the attention mask, which gives the same tokens as left-padded prompts alone.
     """
 
     def __init__(self, model, tokenizer, name: str, temperature: float = 0.8, top_p: float = 0.95,
                  top_k: int = 0) -> None:
+        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                            TopKLogitsWarper, TopPLogitsWarper)
+
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = torch.tensor(sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+                                           - {None}))
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                           + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
+                                           + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
 
     def _layout(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Token ids and attention mask [B, T] of the rows as [prefix][pad][tail], and the prefix length."""
@@ -259,33 +271,52 @@ class TransformersGenerator:
             ids[i, ids.shape[1] - len(tail):], mask[i, ids.shape[1] - len(tail):] = torch.tensor(tail), 1
         return ids, mask, common
 
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, common: int, k: int):
+        """The key/value cache of the prompts, each repeated k times, and the next-token logits of every row."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if common:
+            self.model(input_ids=ids[:1, :common], past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(ids.shape[0])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids[:, common:], attention_mask=mask, position_ids=positions[:, common:],
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        cache.batch_repeat_interleave(k)
+        return cache, logits.float().repeat_interleave(k, 0)
+
     @torch.no_grad()
     def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
         """For each prompt (token ids), k samples; reproducible for the same rows, k, seed and length."""
-        from transformers import DynamicCache
-
         ids, mask, common = self._layout(rows)
         device = next(self.model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, eos_ids = ids.to(device), mask.to(device), self.eos_ids.to(device)
         was_training = self.model.training
         self.model.eval()
         try:
-            cache = DynamicCache(config=self.model.config)
-            if common:
-                self.model(input_ids=ids[:1, :common], past_key_values=cache, use_cache=True)
-                cache.batch_repeat_interleave(len(rows))
-            if ids.shape[1] - 1 > common:  # every tail but its last token, which generate runs itself
-                self.model(input_ids=ids[:, common:-1], attention_mask=mask[:, :-1],
-                           position_ids=positions[:, common:-1], past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(k)
-            torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids.repeat_interleave(k, 0),
-                                      attention_mask=mask.repeat_interleave(k, 0), past_key_values=cache,
-                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, **self.decoding)
+            cache, logits = self._prefill(ids, mask, common, k)
+            mask = mask.repeat_interleave(k, 0)
+            out = torch.full((mask.shape[0], max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+            active = torch.arange(mask.shape[0], device=device)
+            generator = torch.Generator(device=device).manual_seed(seed)
+            for step in range(max_new_tokens):
+                probabilities = torch.softmax(self.warpers(None, logits), dim=-1)
+                tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+                out[active, step] = tokens
+                writing = ~torch.isin(tokens, eos_ids)
+                if step == max_new_tokens - 1 or not writing.any():
+                    break
+                if not writing.all():  # finished rows leave the batch and the cache
+                    keep = writing.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    active, mask, tokens = active[keep], mask[keep], tokens[keep]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
+                                    position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                                    use_cache=True).logits[:, -1].float()
         finally:
             self.model.train(was_training)
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [texts[i * k:(i + 1) * k] for i in range(len(rows))]
 
 
@@ -507,44 +538,6 @@ def run_generation(config: GenerateConfig, models: GenerationModels | None = Non
 # ------------------------------------------------------------------------------------------------ the card
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table."""
-    def cell(value: Any) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
-
-
-def _card_markdown(card: dict[str, Any]) -> str:
-    """The human-readable dataset card."""
-    config, counts, quantiles = card["config"], card["counts"], card["quantiles"]
-    dropped = ", ".join(f"{reason}: {n}" for reason, n in counts["dropped_by_reason"].items()) or "none"
-    funnel_columns = list(card["funnel"])
-    stages = ["offered", *[stage for stage, _ in STAGES], "selected"]
-    funnel_rows = [[stage, *[card["funnel"][col][stage] for col in funnel_columns]] for stage in stages]
-    quantity_rows = [[name, *[(quantiles.get(f"{side}s {subset} {name}") or {}).get(p) for side, subset, p in (
-        ("negative", "selected", "p50"), ("negative", "scored", "p50"), ("positive", "selected", "p50"),
-        ("positive", "scored", "p50"))]] for name in card["histogram_edges"]]
-    thresholds = {k: config[k] for k in ("t_neg", "t_pos", "s_min", "min_edit", "min_edit_negative", "length_ratio_min",
-                                         "length_ratio_max", "delta", "n_positives", "n_negatives")}
-    return "\n\n".join([
-        f"# Hard-negative pairs ({config['anchors']} anchors)",
-        f"Generator `{_model_label(config['generator'])}` ({config['backend']}), phi and lengths under "
-        f"`{_model_label(config['target_model'])}`, toxicity by `{config['scorer']}`, seed {config['seed']}, "
-        f"k = {config['paraphrases_per_anchor']} paraphrases per side, {config['n_examples']} few-shot examples. "
-        f"Data hash `{card['data_hash'][:16]}`.",
-        f"**Anchors:** {counts['anchors']}, kept {counts['anchors_kept']}, dropped {counts['anchors_dropped']} "
-        f"({dropped}). Texts chosen by source: {counts.get('selected_by_source', {})}.",
-        "## Thresholds\n\n" + _markdown_table(list(thresholds), [list(thresholds.values())]),
-        "## Filter funnel (texts left after each filter)\n\n" + _markdown_table(["stage", *funnel_columns],
-                                                                                  funnel_rows),
-        "## Medians\n\n" + _markdown_table(["quantity", "negatives chosen", "negatives scored", "positives chosen",
-                                            "positives scored"], quantity_rows),
-        "Histograms: `pairs_card.json` (fixed bins) and `figures/hard_negatives.html`.",
-        "Content warning: the negatives are offensive on purpose (toxicity research material).\n"])
-
-
 def write_card(out: Path, config: GenerateConfig, log: Sequence[dict[str, Any]], prompts: dict[str, Any]
                ) -> dict[str, Any]:
     """Write pairs_card.json, pairs_card.md and figures/hard_negatives.html for a run's log; returns the card."""
@@ -552,9 +545,10 @@ def write_card(out: Path, config: GenerateConfig, log: Sequence[dict[str, Any]],
 
     source = data_path("paradetox" if config.anchors == "paradetox" else "toxigen_seeds")
     card = {"config": to_dict(config), "data_hash": data_hash([source]), "prompts": prompts,
+            "models": {"generator": _model_label(config.generator), "target_model": _model_label(config.target_model)},
             "files": {"pairs": PAIRS_FILE, "log": LOG_FILE}, **card_statistics(log)}
     atomic_write_json(out / "pairs_card.json", card)
-    atomic_write_text(out / "pairs_card.md", _card_markdown(card))
+    atomic_write_text(out / "pairs_card.md", card_markdown(card))
     save_figure(hardness_figure(candidates_frame(log), config.thresholds()), out, "hard_negatives")
     return card
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -231,7 +230,6 @@ def test_reading_streams_in_bounded_memory(tmp_path: Path) -> None:
             handle.write(json.dumps({"schema_version": 1, "id": f"r{i}", "anchor": f"anchor {i} {pad}",
                                      "positives": [{"text": f"pos {i} {pad}", "source": "human"}],
                                      "negatives": [{"text": f"neg {i} {pad}", "source": "human"}]}) + "\n")
-    start = time.perf_counter()
     tracemalloc.start()
     try:
         count = sum(1 for _ in read_pairs(path))
@@ -240,4 +238,3 @@ def test_reading_streams_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert count == 100_000
     assert peak < 50 * 2**20, f"peak {peak / 2**20:.1f} MiB"
-    assert time.perf_counter() - start < 30
