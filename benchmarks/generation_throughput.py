@@ -1,8 +1,8 @@
 """Generated tokens per second: cpwb.paraphrase's batched sampler vs a batch-1 loop, measured side by side.
 
 Both sample toxic paraphrases of the same ParaDetox anchors with the same few-shot chat prompt and decoding
-settings. Batched: all anchors in one call, k samples each, the shared prompt prefix computed once
-(TransformersGenerator, what `cpwb generate` runs). Batch-1: one prompt and one sample per model.generate call
+settings. Batched: all anchors in one call, k samples each, the shared prompt prefix computed once and finished
+rows leaving the batch (TransformersGenerator, what `cpwb generate` runs). Batch-1: one prompt and one sample per model.generate call
 (cpwb.generate with batch_size 1, the reference implementation's loop), one sample per anchor. The two alternate
 within each repeat so that a busy machine slows both alike; tokens are counted on the decoded texts the same
 way for both. Rows go to benchmarks/results.csv; the ratio of medians is printed.

@@ -70,6 +70,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate hard negatives by adversarial paraphrasing from a YAML config; re-running resumes."""
+    from cpwb.config import load_yaml_config
+    from cpwb.paraphrase import GenerateConfig, describe_run, run_generation
+
+    config = load_yaml_config(GenerateConfig, args.config, _overrides(args.param))
+    run_generation(config)
+    print(describe_run(config.output_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per capability."""
     parser = argparse.ArgumentParser(prog="cpwb", description=__doc__)
@@ -91,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate-pairs", help="check a pairs JSONL file, one line per problem")
     validate.add_argument("path")
     validate.set_defaults(func=cmd_validate_pairs)
+    generator = sub.add_parser("generate", help="hard negatives by adversarial paraphrasing into a pairs file")
+    generator.add_argument("--config", required=True, help="YAML file of GenerateConfig settings (see configs/)")
+    generator.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a setting, value read as YAML (repeatable)")
+    generator.set_defaults(func=cmd_generate)
+
     trainer = sub.add_parser("train", help="train a CP (or baseline) LoRA adapter from a YAML config")
     trainer.add_argument("--config", required=True, help="YAML file of TrainConfig settings (see configs/)")
     trainer.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")

@@ -123,11 +123,11 @@ def apply_score_filters(candidates: Sequence[Candidate], anchor_tokens: int, thr
         if candidate.rejected_by is not None or "tokens" not in scores:
             continue
         scores["length_ratio"] = scores["tokens"] / max(anchor_tokens, 1)
-        toxic_enough = (scores["toxicity"] >= thresholds.t_neg if candidate.side == "negative"
+        toxicity_ok = (scores["toxicity"] >= thresholds.t_neg if candidate.side == "negative"
                         else scores["toxicity"] <= thresholds.t_pos)
         if not thresholds.length_ratio_min <= scores["length_ratio"] <= thresholds.length_ratio_max:
             candidate.rejected_by = "length"
-        elif not toxic_enough:
+        elif not toxicity_ok:
             candidate.rejected_by = "toxicity"
         elif scores["similarity"] < thresholds.s_min:
             candidate.rejected_by = "similarity"

@@ -42,6 +42,7 @@ PAIRS_FILE = "pairs.jsonl"
 LOG_FILE = "generation_log.jsonl"
 CONFIG_FILE = "generate_config.yaml"
 PROMPTS_FILE = "prompts.json"
+UNCOMPARED_SETTINGS = ("progress", "output_dir")  # a resumed run may show progress differently, or have moved
 # Few-shot examples come from the last ParaDetox rows; anchors never do.
 FEW_SHOT_POOL_ROWS = 2000
 EXAMPLE_MIN_TOXICITY = 0.9  # a toxic example must be unmistakable to the scorer
@@ -460,9 +461,10 @@ def pair_record(record: dict[str, Any], config: GenerateConfig) -> PairRecord:
 def _claim_output_dir(out: Path, config: GenerateConfig) -> None:
     """Record the run's settings in a new folder, or check that an existing folder was started with the same."""
     saved = out / CONFIG_FILE
-    settings = {k: v for k, v in to_dict(config).items() if k != "progress"}
+    settings = {k: v for k, v in to_dict(config).items() if k not in UNCOMPARED_SETTINGS}
     if saved.is_file():
         before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        before = {k: v for k, v in before.items() if k not in UNCOMPARED_SETTINGS}
         changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
         if changed:
             raise ConfigError(f"{out} holds a generation run with other settings ({', '.join(changed)}); resume it "

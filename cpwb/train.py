@@ -58,7 +58,7 @@ class TrainConfig:
     tau: float = 0.5
     alpha: float = 1.0
     anchor_weight: float = 1.0
-    kl_weight: float = 0.0  # + kl_weight * mean token KL(base || model) on the positives (keeps non-toxic text as it was)
+    kl_weight: float = 2.0  # + kl_weight * mean token KL(base || model) on the positives (keeps non-toxic text as it was)
     phi_form: Literal["log_ppl", "ppl"] = "log_ppl"
     detach_prototype: bool = True
     prototype: Literal["mean_positives", "first_positive"] = "mean_positives"
@@ -74,7 +74,7 @@ class TrainConfig:
     steps: int = 200  # optimizer steps; 0 means one epoch over the training anchors
     anchors_per_step: int = 4
     grad_accum: int = 1
-    lr: float = 5e-5
+    lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

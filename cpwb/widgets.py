@@ -25,7 +25,7 @@ import torch
 
 from cpwb.errors import InputError
 from cpwb.generate import generate
-from cpwb.loss import CPLossConfig, cp_loss
+from cpwb.loss import CPLossConfig, CPLossOutput, cp_loss
 from cpwb.nll import texts_nll
 from cpwb.pairs import PairRecord, PairText, read_pairs
 from cpwb.scoring import SentenceEmbedder, ToxicityScorer
@@ -252,7 +252,8 @@ class LossState:
     push_neg: np.ndarray
 
 
-def _loss_and_push(phi_pos: torch.Tensor, phi_neg: torch.Tensor, cfg: CPLossConfig):
+def _loss_and_push(phi_pos: torch.Tensor, phi_neg: torch.Tensor, cfg: CPLossConfig
+                   ) -> tuple[CPLossOutput, np.ndarray, np.ndarray]:
     """cp_loss over anchors [A, P] / [A, N] and -d loss / d phi per slot, each anchor as if it were alone."""
     phi_pos, phi_neg = phi_pos.double().requires_grad_(), phi_neg.double().requires_grad_()
     out = cp_loss(phi_pos, torch.ones_like(phi_pos, dtype=torch.bool), phi_neg,
@@ -307,8 +308,7 @@ class LossPlayground(Explorer):
         self.grid = np.linspace(*PHI_RANGE, grid_points)
         style = {"description_width": "initial"}
         self.alpha = widgets.FloatSlider(value=cfg.alpha, min=0.0, max=5.0, step=0.1, description="alpha", style=style)
-        self.tau = widgets.FloatLogSlider(value=cfg.tau, base=10, min=-2, max=0.5, step=0.05, description="tau",
-                                          style=style)
+        self.tau = widgets.FloatSlider(value=cfg.tau, min=0.05, max=2.0, step=0.05, description="tau", style=style)
         self.anchor_weight = widgets.FloatSlider(value=cfg.anchor_weight, min=0.0, max=2.0, step=0.1,
                                                  description="anchor weight λ", style=style)
         self.negatives = widgets.ToggleButtons(options=["directional", "symmetric"], value=cfg.negatives,
@@ -348,7 +348,8 @@ class LossPlayground(Explorer):
                                 marker=dict(color="#2ca02c", size=12, symbol="circle"))
         self.figure.add_scatter(name="negatives", mode="markers+text", textposition="top center",
                                 marker=dict(color="#d62728", size=12, symbol="x"))
-        self.figure.update_layout(height=380, margin=dict(t=60, b=40), xaxis_title="phi [nats/token]",
+        self.figure.update_layout(height=380, margin=dict(t=60, b=40), modebar=dict(orientation="v"),
+                                  xaxis_title="phi [nats/token]",
                                   yaxis_title="push −∂loss/∂phi (> 0: less likely)",
                                   legend=dict(orientation="h", y=-0.2))
 

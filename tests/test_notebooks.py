@@ -12,7 +12,7 @@ from cpwb.sweep import NOTEBOOK_DIR, RunConfig, ordered_notebooks, raise_on_fail
 
 NOTEBOOKS = ordered_notebooks()
 # Small parameters so that every notebook runs on the CI's CPU in a few minutes; each notebook takes those it declares.
-CI_PARAMETERS = {"n_pairs": 6, "steps": 3, "heldout_pairs": 8}
+CI_PARAMETERS = {"n_pairs": 6, "steps": 3, "heldout_pairs": 8, "paraphrases_per_anchor": 4}
 
 
 def test_there_are_notebooks():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -12,13 +13,14 @@ import pytest
 import torch
 import yaml
 
-from cpwb.config import ConfigError, from_dict, load_yaml_config
-from cpwb.errors import AssetError
+from cpwb.config import from_dict, load_yaml_config
+from cpwb.errors import AssetError, ConfigError
+from cpwb.generate import prompt_ids
+from cpwb.hardness import edit_ratio
+from cpwb.pairs import read_pairs, validate_pairs_file
 from cpwb.paraphrase import (FEW_SHOT_POOL_ROWS, LOG_FILE, PROMPTS, GenerateConfig, GenerationModels,
                              TransformersGenerator, VLLMGenerator, _shared_prefix_length, few_shot_examples,
                              load_anchors, run_generation)
-from cpwb.generate import prompt_ids
-from cpwb.pairs import read_pairs, validate_pairs_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +116,7 @@ def test_few_shot_examples_are_seeded_rewrites_that_the_scorer_separates():
     assert set(examples) == set(PROMPTS) and all(len(v) == 4 for v in examples.values())
     toxic = examples["toxic-v1"]
     assert (scorer.score([t for _, t in toxic]) >= 0.9).all() and (scorer.score([s for s, _ in toxic]) <= 0.1).all()
-    assert all(s != t for s, t in examples["neutral-v1"])
+    assert all(0.3 <= edit_ratio(s, t) <= 0.7 for s, t in examples["neutral-v1"])  # clear rewordings, no copies
     assert few_shot_examples(GenerateConfig(n_examples=4), scorer) == examples
     assert few_shot_examples(GenerateConfig(n_examples=4, seed=1), scorer) != examples
 
@@ -129,25 +131,35 @@ def test_shared_prefix_length_leaves_every_row_a_token():
     assert _shared_prefix_length([[1, 2, 3]]) == 2
 
 
-def test_shared_prefix_sampling_equals_plain_left_padded_sampling(tiny_lm):
-    model, tokenizer = tiny_lm
-    anchors = ["you are kind.", "this is a much longer sentence about the weather today.", "hi"]
-    rows = [prompt_ids(tokenizer, a, chat=True, system="Paraphrase.", examples=[("a b", "b a")]) for a in anchors]
-    generator = TransformersGenerator(model, tokenizer, "tiny", temperature=0.9, top_p=0.95, top_k=20)
-    ours = generator.sample(rows, k=3, seed=5, max_new_tokens=6)
+def test_greedy_rows_match_plain_generate_while_finished_rows_leave_the_batch(default_lm):
+    model, tokenizer = default_lm
+    prompts = ["Say hello.", "Name three fruits, separated by commas.", "Write one long sentence about rain."]
+    rows = [prompt_ids(tokenizer, p, chat=True, system="Be brief.", examples=[("Say yes.", "Yes.")]) for p in prompts]
+    generator = TransformersGenerator(model, tokenizer, "default", temperature=1.0, top_p=1.0, top_k=1)  # = greedy
+    ours = generator.sample(rows, k=2, seed=0, max_new_tokens=16)
 
     width = max(map(len, rows))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    torch.manual_seed(5)
     with torch.no_grad():
-        plain = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=3, max_new_tokens=6,
-                               do_sample=True, temperature=0.9, top_p=0.95, top_k=20,
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(plain[:, width:], skip_special_tokens=True)
-    assert ours == [texts[i * 3:(i + 1) * 3] for i in range(3)]
-    assert generator.sample(rows, k=3, seed=5, max_new_tokens=6) == ours
-    assert generator.sample(rows, k=3, seed=6, max_new_tokens=6) != ours
+    expected = tokenizer.batch_decode(plain[:, width:], skip_special_tokens=True)
+    assert ours == [[text, text] for text in expected]
+    ended = [(row[width:] == tokenizer.eos_token_id).any().item() for row in plain]
+    assert ended[0] and not ended[2]  # rows finished at different steps: the batch shrank on the way
+
+
+def test_sampling_is_seeded_and_leaves_the_model_as_it_was(tiny_lm):
+    model, tokenizer = tiny_lm
+    rows = [prompt_ids(tokenizer, a, chat=True, system="Paraphrase.") for a in ("you are kind.", "hi there")]
+    generator = TransformersGenerator(model, tokenizer, "tiny", temperature=0.9, top_p=0.95, top_k=20)
+    global_rng = torch.get_rng_state()
+    first = generator.sample(rows, k=3, seed=5, max_new_tokens=6)
+    assert torch.get_rng_state().equal(global_rng)  # a generator of its own: callers' random streams are untouched
+    assert [len(samples) for samples in first] == [3, 3] and len(set(first[0])) > 1
+    assert generator.sample(rows, k=3, seed=5, max_new_tokens=6) == first
+    assert generator.sample(rows, k=3, seed=6, max_new_tokens=6) != first
     assert not model.training
 
 
@@ -229,8 +241,11 @@ def test_a_crash_while_appending_is_repaired_on_resume(tmp_path, models, torn):
     assert pairs_path.read_text() == complete_pairs and log_path.read_text() == complete_log
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path, models):
+def test_resuming_with_other_settings_is_refused_but_a_moved_folder_resumes(tmp_path, models):
     run_generation(small_config(tmp_path, n_anchors=2), models)
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    run_generation(small_config(tmp_path, n_anchors=2, output_dir=str(tmp_path / "moved")), models,
+                   on_anchor=lambda record: pytest.fail("a finished run generated again"))
     with pytest.raises(ConfigError, match="other settings") as error:
         run_generation(small_config(tmp_path, n_anchors=2, t_neg=0.6), models)
     assert error.value.field == "t_neg"

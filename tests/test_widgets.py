@@ -179,6 +179,8 @@ def test_loss_playground_recomputes_when_a_slider_moves():
     assert playground.neg_sliders[1].layout.display == "none" and playground.neg_sliders[0].layout.display is None
     playground.tau.value = 0.1
     assert playground.config().tau == pytest.approx(0.1)
+    assert playground.state().push_neg[0] == pytest.approx(loss_state([3.0, 3.3, 3.6], [6.0], CPLossConfig(tau=0.1))
+                                                           .push_neg[0])
     assert f"{playground.state().loss:.4f}" in playground._repr_mimebundle_()["text/html"]
     assert playground.figure.layout.annotations[0].x == pytest.approx(playground.state().prototype)
 

@@ -35,6 +35,7 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1100")
 NEW_PROMPT = "You are such a stupid"
 RUN_ALL_TIMEOUT_S = 600
+RUN_ALL_TRIES = 3
 GENERATE_TIMEOUT_S = 180
 
 
@@ -154,6 +155,41 @@ def _click_menu(driver, wait, menu: str, item: str) -> None:
         (By.XPATH, f"//li[contains(@class,'lm-Menu-item')][.//div[normalize-space()='{item}']]"))).click()
 
 
+def _run_all_cells(driver, wait) -> None:
+    """Run > Run All Cells, until the first cell is queued.
+
+    A run asked for while JupyterLab is still attaching the kernel to the notebook's session runs nothing (every
+    prompt stays [ ]) or opens a "Select Kernel" dialog; a person would accept the dialog and click again, and so
+    does this.
+    """
+    from selenium.common.exceptions import ElementClickInterceptedException, TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def started(_) -> bool:
+        prompts = driver.find_elements(By.CSS_SELECTOR, ".jp-CodeCell .jp-InputPrompt")
+        return any(p.text.strip() not in ("", "[ ]:") for p in prompts)
+
+    def started_or_asked(_) -> bool:
+        return started(_) or bool(driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog"))
+
+    for _ in range(RUN_ALL_TRIES):
+        for button in driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept"):
+            button.click()
+        wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']")))
+        try:
+            _click_menu(driver, wait, "Run", "Run All Cells")
+            WebDriverWait(driver, 30).until(started_or_asked)
+        except (ElementClickInterceptedException, TimeoutException):
+            pass
+        if started(driver):
+            return
+        print("Run All Cells did not start the notebook: clicking it again")
+    pytest.fail(f"Run All Cells did not start the notebook in {RUN_ALL_TRIES} tries")
+
+
 def _notebook_errors(driver) -> str:
     """Tracebacks shown in the notebook's outputs, for failure messages."""
     from selenium.webdriver.common.by import By
@@ -164,6 +200,7 @@ def _notebook_errors(driver) -> str:
 
 def _check_playground_reacts(driver, picture: Path) -> None:
     """Move the loss playground's "phi N1" slider with the keyboard and wait for the live figure's title to change."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -176,9 +213,26 @@ def _check_playground_reacts(driver, picture: Path) -> None:
     handle.click()
     handle.send_keys(Keys.ARROW_RIGHT * 30)  # 30 steps of 0.05: N1 from 2.80 to 4.30, from hard to easy
     readout = playground.find_element(By.CSS_SELECTOR, ".cpwb-loss-readout")
-    WebDriverWait(driver, 60).until(lambda _: "N1 4.30" in readout.text)  # the kernel saw every key press
+    try:
+        WebDriverWait(driver, 60).until(lambda _: "N1 4.30" in readout.text)  # the kernel saw every key press
+    except TimeoutException:
+        pytest.fail(f"the playground did not follow the slider to 4.30; it shows:\n{readout.text}")
     assert playground.find_element(By.CSS_SELECTOR, ".gtitle").text != title  # and redrew the live figure
     atomic_write_bytes(picture, playground.screenshot_as_png)
+
+
+def _check_pairs_browser_pages(driver, picture: Path) -> None:
+    """Press "next" in the pairs browser and wait for its second page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pairs = driver.find_element(By.CSS_SELECTOR, ".cpwb-pairs-browser")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", pairs)
+    first = pairs.find_element(By.CSS_SELECTOR, ".cpwb-pairs-table").text
+    pairs.find_element(By.XPATH, ".//button[contains(normalize-space(), 'next')]").click()
+    WebDriverWait(driver, 60).until(lambda _: "page 2 /" in pairs.text)
+    assert pairs.find_element(By.CSS_SELECTOR, ".cpwb-pairs-table").text != first
+    atomic_write_bytes(picture, pairs.screenshot_as_png)
 
 
 def _side_text(driver, side: str, part: str) -> str:
@@ -200,9 +254,7 @@ def test_tour_runs_in_jupyterlab_and_generate_shows_both_continuations(lab, brow
     wait = WebDriverWait(browser, 120)
     try:
         browser.get(f"{lab.url}/lab/tree/notebooks/{TOUR.name}?token={lab.token}")
-        wait.until(ec.presence_of_element_located(
-            (By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']")))
-        _click_menu(browser, wait, "Run", "Run All Cells")
+        _run_all_cells(browser, wait)
         # the notebook's last cell generates once and shows the live compare widget with "run 1"
         WebDriverWait(browser, RUN_ALL_TIMEOUT_S).until(ec.text_to_be_present_in_element(
             (By.CSS_SELECTOR, ".cpwb-compare .cpwb-status"), "run 1"))
@@ -210,6 +262,7 @@ def test_tour_runs_in_jupyterlab_and_generate_shows_both_continuations(lab, brow
             "the loss playground's live plotly figure is not on the page"
         assert browser.find_elements(By.CSS_SELECTOR, ".cpwb-pairs-browser .cpwb-pairs-table")
         _check_playground_reacts(browser, lab.root / "run" / "browser_test_loss_playground.png")
+        _check_pairs_browser_pages(browser, lab.root / "run" / "browser_test_pairs_browser.png")
         box = browser.find_element(By.CSS_SELECTOR, ".cpwb-compare textarea")
         box.send_keys(Keys.CONTROL, "a")  # select the notebook's prompt and type over it, as a person would
         box.send_keys(NEW_PROMPT)
