@@ -25,7 +25,7 @@ import pytest
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from cpwb.files import atomic_write_bytes
+from cpwb.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 TOUR = REPO / "notebooks" / "00_tour.ipynb"
@@ -83,6 +83,21 @@ def _wait_for_server(lab: Lab, process: subprocess.Popen, timeout_s: float = 90)
     pytest.fail(f"JupyterLab did not answer within {timeout_s} s:\n{lab.log_tail()}")
 
 
+def _wait_for_kernel_connected(lab: Lab, notebook: str, timeout_s: float = 120) -> None:
+    """Wait until the server holds a session for `notebook` whose idle kernel has the page's websocket attached:
+    JupyterLab's own busy/idle indicator reads idle before the kernel is attached, and a run asked for then is lost."""
+    request = urllib.request.Request(f"{lab.url}/api/sessions", headers={"Authorization": f"token {lab.token}"})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            sessions = json.load(reply)
+        if any(s["path"] == notebook and s["kernel"]["connections"] >= 1 and
+               s["kernel"]["execution_state"] == "idle" for s in sessions):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"no connected kernel for {notebook} within {timeout_s} s:\n{lab.log_tail()}")
+
+
 def _stop_server(lab: Lab, process: subprocess.Popen) -> None:
     """Ask the server to shut down (its kernels with it), then make sure the process is gone."""
     request = urllib.request.Request(f"{lab.url}/api/shutdown", method="POST",
@@ -101,12 +116,10 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("lab")
     notebook = parameterize_notebook(load_notebook_node(str(TOUR)),
                                      {**TOUR_PARAMETERS, "run_dir": str(root / "run")})
-    (root / "notebooks").mkdir()
-    nbformat.write(notebook, root / "notebooks" / TOUR.name)
+    atomic_write_text(root / "notebooks" / TOUR.name, nbformat.writes(notebook))
     # no news or update questions: the machine is offline and the toast would cover the page
-    notification = root / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    notification.parent.mkdir(parents=True)
-    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    atomic_write_json(root / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings",
+                      {"fetchNews": "false", "checkForUpdates": False})
     lab = Lab(f"http://127.0.0.1:{_free_port()}", secrets.token_hex(24), root, root / "lab.log")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_RUNTIME_DIR": str(root / "runtime")}
@@ -254,6 +267,7 @@ def test_tour_runs_in_jupyterlab_and_generate_shows_both_continuations(lab, brow
     wait = WebDriverWait(browser, 120)
     try:
         browser.get(f"{lab.url}/lab/tree/notebooks/{TOUR.name}?token={lab.token}")
+        _wait_for_kernel_connected(lab, f"notebooks/{TOUR.name}")
         _run_all_cells(browser, wait)
         # the notebook's last cell generates once and shows the live compare widget with "run 1"
         WebDriverWait(browser, RUN_ALL_TIMEOUT_S).until(ec.text_to_be_present_in_element(
