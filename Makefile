@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cpwb-installed
 TORCH  := torch==2.13.0
 
-.PHONY: install run test test-fast assets clean-venv lab
+.PHONY: install run test test-fast test-reliability assets clean-venv lab
 LAB_PORT ?= 8888
 
 install: $(STAMP)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow and not notebook"
+
+# The reliability suite with its load tests (minutes of CPU); its fast cases already run in `make test`.
+test-reliability: $(STAMP)
+	CPWB_RELIABILITY_SLOW=1 $(PY) -m pytest -q -ra -rP tests/reliability
 
 # JupyterLab on the project, reachable from this machine only; Jupyter prints the URL with its random token.
 lab: $(STAMP)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from _results import RESULTS, append_result, device_name
+from cpwb.bench_results import RESULTS, append_result, device_name
 
 from cpwb.assets import load_causal_lm, load_tokenizer
 from cpwb.generate import generate, prompt_ids

@@ -33,10 +33,12 @@ def package_dir(package: str) -> Path:
 
 
 def _manifest_ok(folder: Path) -> bool:
-    """True when every file listed in the folder's manifest exists with its recorded checksum."""
+    """True when the folder holds exactly the files of its manifest (nothing added), each with its checksum."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        return all(sha256_file(folder / name) == digest for name, digest in manifest["files"].items())
+        present = {p.name for p in folder.iterdir() if p.is_file()} - {MANIFEST}
+        return present == set(manifest["files"]) and all(
+            sha256_file(folder / name) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, KeyError):
         return False
 
@@ -176,7 +178,7 @@ def load_tokenizer(name: str = "default", trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise AssetError(f"{unknown_model_message(name)}: {err}") from err
+        raise AssetError(f"{unknown_model_message(name)}: {' '.join(str(err).split())}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -205,7 +207,7 @@ def load_causal_lm(name: str = "default", device: str = "cpu", dtype: str | None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise AssetError(f"{unknown_model_message(name)}: {err}") from err
+        raise AssetError(f"{unknown_model_message(name)}: {' '.join(str(err).split())}") from err
     if not load_in_4bit:
         model.to(device)
     return model

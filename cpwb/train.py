@@ -15,6 +15,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +26,9 @@ from tqdm.auto import tqdm
 from cpwb import loss as losses
 from cpwb.config import load_yaml_config, require, to_dict
 from cpwb.errors import ConfigError, CpwbError
+from cpwb.data import general_texts
 from cpwb.files import append_jsonl, atomic_path, atomic_write_json, atomic_write_text, read_jsonl_tolerant
-from cpwb.nll import SequenceNLL, TokenBatch, encode, scored_states, sequence_kl, sequence_nll
+from cpwb.nll import SequenceNLL, TokenBatch, encode, packing_matches, scored_states, sequence_kl, sequence_nll
 from cpwb.pairs import PairRecord
 
 Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo"]
@@ -52,13 +54,16 @@ class TrainConfig:
     max_negatives: int = 3
     random_negatives: int = 0  # toxic texts of other anchors added as negatives
     max_length: int = 128
+    packing: bool = True  # run each step's texts as one padding-free row (checked against padding at start)
     # objective (see cpwb.loss)
     objective: Objective = "cp"
     negatives: Literal["directional", "symmetric"] = "directional"
     tau: float = 0.5
     alpha: float = 1.0
     anchor_weight: float = 1.0
-    kl_weight: float = 2.0  # + kl_weight * mean token KL(base || model) on the positives (keeps non-toxic text as it was)
+    kl_weight: float = 2.0  # + kl_weight * mean token KL(base || model) on `kl_data` (keeps non-toxic text as it was)
+    kl_data: Literal["positives", "general"] = "positives"  # general: benign web text (cpwb.data.general_texts)
+    kl_texts_per_step: int = 4  # general texts per micro-batch when kl_data is general
     phi_form: Literal["log_ppl", "ppl"] = "log_ppl"
     detach_prototype: bool = True
     prototype: Literal["mean_positives", "first_positive"] = "mean_positives"
@@ -87,11 +92,13 @@ class TrainConfig:
         for name in ("tau", "lr", "max_grad_norm"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         for name in ("alpha", "anchor_weight", "kl_weight", "weight_decay", "lora_dropout", "random_negatives", "steps",
-                     "warmup_steps"):
+                     "warmup_steps", "max_negatives"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("max_positives", "max_negatives", "anchors_per_step", "grad_accum", "lora_r", "lora_alpha",
+        for name in ("kl_texts_per_step", "max_positives", "anchors_per_step", "grad_accum", "lora_r", "lora_alpha",
                      "max_length", "checkpoint_every", "paradetox_limit"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.max_negatives + self.random_negatives >= 1, "max_negatives",
+                "must be >= 1 unless random_negatives >= 1 (0 with random negatives: random toxic negatives only)")
         require(0 <= self.holdout_fraction < 1, "holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}")
         require(bool(self.target_modules), "target_modules", "must name at least one module")
         require(self.pairs is None or Path(self.pairs).is_file(), "pairs", f"file not found: {self.pairs}")
@@ -99,6 +106,7 @@ class TrainConfig:
                 f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         require(self.dtype in (None, "float32", "bfloat16", "float16"), "dtype",
                 f"must be null, float32, bfloat16 or float16, got {self.dtype!r}")
+        self.loss_config()  # its own checks: tau, alpha and anchor_weight finite (YAML .inf passes the ones above)
 
     def loss_config(self) -> losses.CPLossConfig:
         """The CP loss settings of this run."""
@@ -153,9 +161,12 @@ class AnchorBatch:
 
 
 def build_anchor_batch(records: list[PairRecord], indices: list[int], config: TrainConfig,
-                       rng: random.Random) -> AnchorBatch:
-    """Positives and negatives (and optional random negatives from other anchors) of the chosen anchors."""
-    batch = AnchorBatch([], [], [], [], len(indices), {"pos": 0, "neg": 0, "rand": 0})
+                       rng: random.Random, general: list[str] | None = None) -> AnchorBatch:
+    """Positives and negatives (and optional random negatives from other anchors) of the chosen anchors.
+
+    With a `general` pool, `kl_texts_per_step` of its texts join the batch (role "kl") for the KL-to-base term only.
+    """
+    batch = AnchorBatch([], [], [], [], len(indices), {"pos": 0, "neg": 0, "rand": 0, "kl": 0})
 
     def add(text: str, role: str, a: int, s: int) -> None:
         batch.texts.append(text)
@@ -173,6 +184,8 @@ def build_anchor_batch(records: list[PairRecord], indices: list[int], config: Tr
         others = [j for j in range(len(records)) if j != index]
         for s, j in enumerate(rng.sample(others, min(config.random_negatives, len(others)))):
             add(records[j].negatives[0].text, "rand", a, s)
+    for s, text in enumerate(rng.sample(general, config.kl_texts_per_step) if general else []):
+        add(text, "kl", 0, s)
     return batch
 
 
@@ -210,8 +223,8 @@ def to_slots(values: torch.Tensor, batch: AnchorBatch, role: str) -> tuple[torch
 # ----------------------------------------------------------------------------------------------- loss
 
 
-def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig,
-                   device: torch.device) -> tuple[torch.Tensor, dict[str, float], int]:
+def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig, device: torch.device,
+                   packed: bool = False) -> tuple[torch.Tensor, dict[str, float], int]:
     """The configured objective on one anchor batch: (loss, metrics, real tokens processed)."""
     if config.objective == "reference":
         tokens = reference_token_batch(tokenizer, batch.texts, config.max_length).to(device)
@@ -220,11 +233,11 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig,
         pos, _ = to_slots(m, batch, "pos")
         neg, _ = to_slots(m, batch, "neg")
         rand, _ = to_slots(m, batch, "rand")
-        value = losses.reference_cp_loss(pos, neg, rand[:, :batch.sizes["rand"]], tau=config.tau,
-                                         alpha=config.alpha)
+        value = losses.reference_cp_loss(pos, neg[:, :batch.sizes["neg"]], rand[:, :batch.sizes["rand"]],
+                                         tau=config.tau, alpha=config.alpha)
         return value, {"phi_pos": pos.mean().item(), "phi_neg": neg.mean().item()}, int(tokens.attention_mask.sum())
     tokens = encode(tokenizer, batch.texts, max_length=config.max_length).to(device)
-    stats = sequence_nll(model, tokens, keep_states=config.kl_weight > 0)
+    stats = sequence_nll(model, tokens, keep_states=config.kl_weight > 0, packed=packed)
     phi = stats.phi
     phi_pos, pos_mask = to_slots(phi, batch, "pos")
     negative_roles = ("neg", "rand") if batch.sizes["rand"] else ("neg",)
@@ -232,7 +245,8 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig,
     phi_neg = torch.cat([p for p, _ in neg_parts], 1)
     neg_mask = torch.cat([m for _, m in neg_parts], 1)
     is_pos = torch.tensor([r == "pos" for r in batch.role], device=phi.device)
-    metrics = {"phi_pos": phi[is_pos].mean().item(), "phi_neg": phi[~is_pos].mean().item()}
+    is_neg = torch.tensor([r in negative_roles for r in batch.role], device=phi.device)
+    metrics = {"phi_pos": phi[is_pos].mean().item(), "phi_neg": phi[is_neg].mean().item()}
     if config.objective == "cp":
         out = losses.cp_loss(phi_pos, pos_mask, phi_neg, neg_mask, config.loss_config())
         metrics |= {"log_j": out.log_j.mean().item(), "contrastive": out.contrastive.item(),
@@ -246,22 +260,24 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig,
         value = losses.simpo_loss(-phi_pos, -phi_neg, pos_mask, neg_mask, config.simpo_beta, config.simpo_gamma)
     else:  # dpo: sequence log-probs under the policy and under the frozen base (adapter disabled)
         with torch.no_grad(), model.disable_adapter():
-            reference = sequence_nll(model, tokens)
+            reference = sequence_nll(model, tokens, packed=packed)
         value = losses.dpo_loss(*_logp_slots(stats, batch, negative_roles),
                                 *_logp_slots(reference, batch, negative_roles), pos_mask, neg_mask,
                                 beta=config.preference_beta)
     if config.kl_weight > 0:
-        kl = positives_kl(model, tokens, stats, is_pos)
+        kl_rows = is_pos if config.kl_data == "positives" else torch.tensor([r == "kl" for r in batch.role],
+                                                                            device=phi.device)
+        kl = base_kl(model, tokens, stats, kl_rows, packed)
         metrics["kl"] = kl.item()
         value = value + config.kl_weight * kl
     return value, metrics, int(tokens.attention_mask.sum())
 
 
-def positives_kl(model, tokens: TokenBatch, stats: SequenceNLL, is_pos: torch.Tensor) -> torch.Tensor:
-    """Mean over positive texts of their mean token KL(frozen base || model): the base is the adapter disabled."""
+def base_kl(model, tokens: TokenBatch, stats: SequenceNLL, rows: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """Mean over the selected texts of their mean token KL(frozen base || model): the base is the adapter disabled."""
     with torch.no_grad(), model.disable_adapter():
-        base_states, _, _ = scored_states(model, tokens)
-    return sequence_kl(model, stats, base_states)[is_pos].mean()
+        base_states, _, _ = scored_states(model, tokens, packed=packed)
+    return sequence_kl(model, stats, base_states)[rows].mean()
 
 
 def _logp_slots(stats: SequenceNLL, batch: AnchorBatch, negative_roles: tuple[str, ...]
@@ -390,8 +406,25 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rng: random.Random)
 # ----------------------------------------------------------------------------------------------- loop
 
 
+def use_packing(model, tokenizer, records: list[PairRecord], config: TrainConfig, device: torch.device) -> bool:
+    """Whether packed rows give this model's padded values (else warn and pad): checked once on training texts."""
+    texts = [t.text for r in records[:4] for t in (*r.positives[:2], *r.negatives[:2])]
+    if packing_matches(model, encode(tokenizer, texts, max_length=config.max_length).to(device)):
+        return True
+    warnings.warn(f"{config.model}: packed sequences do not match padded ones (the model ignores per-text position "
+                  "ids); training on padded batches instead", stacklevel=2)
+    return False
+
+
 class NonFiniteLossError(CpwbError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+    """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
+
+
+def _stop_if_non_finite(what: str, value: torch.Tensor, step: int, run_dir: Path) -> None:
+    """Raise NonFiniteLossError naming the step and the last good checkpoint unless `value` is finite."""
+    if not torch.isfinite(value):
+        raise NonFiniteLossError(f"non-finite {what} {value.item()} at step {step}; last good checkpoint: "
+                                 f"{latest_checkpoint(run_dir) or 'none yet'} (lower lr or tau, or check the data)")
 
 
 @dataclass
@@ -436,6 +469,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_model(config, device)
     optimizer, scheduler = make_optimizer(model, config, total_steps)
+    packed = config.packing and use_packing(model, tokenizer, train_pairs, config, device)
+    general = general_texts() if config.kl_weight > 0 and config.kl_data == "general" else None
     rng = random.Random(config.seed)
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -461,12 +496,9 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         totals: dict[str, float] = {}
         n_tokens = 0
         for micro in range(config.grad_accum):
-            batch = build_anchor_batch(train_pairs, mine[micro::config.grad_accum], config, rng)
-            value, metrics, tokens = objective_loss(model, tokenizer, batch, config, device)
-            if not torch.isfinite(value):
-                last = latest_checkpoint(run_dir)
-                raise NonFiniteLossError(f"non-finite loss {value.item()} at step {step}; last good checkpoint: "
-                                         f"{last or 'none yet'} (lower lr or tau, or check the data)")
+            batch = build_anchor_batch(train_pairs, mine[micro::config.grad_accum], config, rng, general)
+            value, metrics, tokens = objective_loss(model, tokenizer, batch, config, device, packed)
+            _stop_if_non_finite("loss", value, step, run_dir)
             (value / config.grad_accum).backward()
             n_tokens += tokens
             for key, number in {"loss": value.item(), **metrics}.items():
@@ -474,6 +506,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         _average_gradients_across_processes(model)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    config.max_grad_norm)
+        _stop_if_non_finite("gradient norm", grad_norm, step, run_dir)  # before NaN reaches weights or a checkpoint
         optimizer.step()
         scheduler.step()
         seconds = time.perf_counter() - started

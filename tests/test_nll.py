@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpwb.nll import encode, length_buckets, sequence_nll, start_token_id, texts_nll
+from cpwb.nll import encode, length_buckets, packing_matches, sequence_nll, start_token_id, texts_nll
 
 TEXTS = ["The cat sat on the mat.", "hello", "You are a complete idiot and everyone hates you, honestly. " * 3, "A",
          "Thanks for the help with the report, it was great."]
@@ -25,13 +25,28 @@ def naive_phi(model, tokenizer, text: str, context: str | None = None) -> float:
 
 
 @pytest.mark.parametrize("which", ["tiny_lm", "default_lm"])
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_batched_phi_matches_float64_reference(request, which, padding_side):
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+def test_batched_phi_matches_float64_reference(request, which, layout):
     model, tokenizer = request.getfixturevalue(which)
     reference = np.array([naive_phi(model, tokenizer, t) for t in TEXTS])
+    batch = encode(tokenizer, TEXTS, padding_side="left" if layout == "left" else "right")
     with torch.no_grad():
-        out = sequence_nll(model, encode(tokenizer, TEXTS, padding_side=padding_side))
+        out = sequence_nll(model, batch, packed=layout == "packed")
     assert np.abs(out.phi.numpy() - reference).max() < 1e-4
+    assert packing_matches(model, batch)
+
+
+def test_packing_check_catches_a_decoder_that_ignores_position_ids(fresh_tiny_lm):
+    model, tokenizer = fresh_tiny_lm
+    batch = encode(tokenizer, TEXTS)
+    decoder = model.get_decoder()
+    original = decoder.forward
+    # A decoder that drops position ids (as a model without packed-sequence support would) lets texts see each other.
+    decoder.forward = lambda *args, position_ids=None, **kwargs: original(*args, **kwargs)
+    try:
+        assert not packing_matches(model, batch)
+    finally:
+        decoder.forward = original
 
 
 def test_small_chunks_give_the_same_values(tiny_lm):
@@ -70,11 +85,12 @@ def test_context_is_conditioned_on_but_not_scored(tiny_lm):
     assert conditioned.phi[0] == pytest.approx(reference, abs=1e-4)
 
 
-def test_gradients_flow_and_match_the_naive_path(fresh_tiny_lm):
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradients_flow_and_match_the_naive_path(fresh_tiny_lm, packed):
     model, tokenizer = fresh_tiny_lm
     batch = encode(tokenizer, TEXTS)
     model.zero_grad()
-    sequence_nll(model, batch, chunk_logit_elements=len(tokenizer) * 4).phi.sum().backward()
+    sequence_nll(model, batch, chunk_logit_elements=len(tokenizer) * 4, packed=packed).phi.sum().backward()
     ours = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
     model.zero_grad()
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()

@@ -12,7 +12,9 @@ from cpwb.sweep import NOTEBOOK_DIR, RunConfig, ordered_notebooks, raise_on_fail
 
 NOTEBOOKS = ordered_notebooks()
 # Small parameters so that every notebook runs on the CI's CPU in a few minutes; each notebook takes those it declares.
-CI_PARAMETERS = {"n_pairs": 6, "steps": 3, "heldout_pairs": 8, "paraphrases_per_anchor": 4}
+CI_PARAMETERS = {"n_pairs": 6, "steps": 3, "heldout_pairs": 8, "paraphrases_per_anchor": 4, "rtp_prompts": 2,
+                 "samples_per_prompt": 2, "greedy_prompts": 4, "toxigen_per_group": 1, "wikitext_windows": 1,
+                 "mc_items": 4, "blackbox_texts": 2}
 
 
 def test_there_are_notebooks():
@@ -42,10 +44,14 @@ def test_every_notebook_executes_with_papermill(tmp_path):
     assert [r.status for r in results] == ["completed"] * len(NOTEBOOKS)
     record = json.loads((run_dir / "run.json").read_text())
     assert set(record["notebooks"]) == {p.name for p in NOTEBOOKS}
-    for figure in ("tour_paired_phi", "training_curves", "heldout_phi_gap", "embedding_umap",
-                   "embedding_layer_sweep"):
+    for figure in ("tour_paired_phi", "training_curves", "heldout_phi_gap", "phi_histograms", "phi_ecdf",
+                   "phi_by_group", "embedding_umap", "embedding_layer_sweep", "ablations_pareto",
+                   "ablations_set_sizes", "ablations_training_time", "evaluation_tradeoff",
+                   "evaluation_toxigen_groups"):
         assert (run_dir / "figures" / f"{figure}.html").stat().st_size > 100_000  # plotly inlined
     assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "ablations" / "results.csv").is_file()
+    assert (run_dir / "report.html").stat().st_size > 1_000_000  # base vs CP (and 05's baselines), self-contained
 
 
 def _tiny_notebook(folder: Path, name: str, source: str, parameters: str = "x = 1") -> None:

@@ -82,6 +82,17 @@ def test_texts_land_in_their_anchor_slots():
     assert [batch.texts[int(v)] for v in neg[neg_mask]] == ["n0", "n1", "m0"]
 
 
+def test_general_kl_texts_join_the_batch_but_no_loss_slot():
+    import random
+
+    records = [PairRecord(id="a", anchor="x", positives=(PairText("p0", "human"),), negatives=(PairText("n0", "human"),))]
+    config = TrainConfig(kl_data="general", kl_texts_per_step=2)
+    batch = build_anchor_batch(records, [0], config, random.Random(0), general=["g0", "g1", "g2"])
+    assert batch.role == ["pos", "neg", "kl", "kl"] and set(batch.texts[2:]) <= {"g0", "g1", "g2"}
+    values = torch.arange(len(batch.texts), dtype=torch.float32)
+    assert to_slots(values, batch, "pos")[0].tolist() == [[0.0]] and to_slots(values, batch, "neg")[0].tolist() == [[1.0]]
+
+
 @pytest.mark.parametrize("objective", ["cp", "reference", "dpo", "simpo", "positives_only", "negatives_only"])
 def test_every_objective_trains_and_writes_its_run(tiny_setup, tmp_path, objective):
     result = train(tiny_config(tiny_setup, tmp_path, objective=objective, steps=2, random_negatives=1))
@@ -137,7 +148,9 @@ def test_resume_refuses_a_folder_started_with_other_settings(tiny_setup, tmp_pat
         train(tiny_config(tiny_setup, tmp_path, tau=0.1), resume=True)
 
 
-def test_kl_term_is_zero_at_start_and_logged(tiny_setup, tmp_path):
-    result = train(tiny_config(tiny_setup, tmp_path, steps=3, lr=1e-2, kl_weight=1.0, lora_dropout=0.0))
+@pytest.mark.parametrize("kl_data", ["positives", "general"])
+def test_kl_term_is_zero_at_start_and_logged(tiny_setup, tmp_path, kl_data):
+    result = train(tiny_config(tiny_setup, tmp_path, steps=3, lr=1e-2, kl_weight=1.0, lora_dropout=0.0,
+                               kl_data=kl_data))
     kls = [m["kl"] for m in result.metrics]
     assert abs(kls[0]) < 1e-6 and kls[-1] > 1e-6  # LoRA starts as the identity: the model equals its base

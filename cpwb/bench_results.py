@@ -19,7 +19,7 @@ import numpy as np
 
 from cpwb.files import atomic_write_text
 
-RESULTS = Path(__file__).resolve().parent / "results.csv"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results.csv"
 COLUMNS = ("benchmark", "config", "metric", "unit", "p20", "p50", "p80", "repeats", "device", "versions",
            "timestamp")
 
@@ -66,3 +66,21 @@ def append_result(benchmark: str, config: Mapping[str, Any], metric: str, unit: 
     writer.writerow(row)
     atomic_write_text(path, previous + buffer.getvalue())
     return row
+
+
+def results_figure(path: str | Path = RESULTS, benchmark: str = "train_step", metric: str = "real_tokens_per_s"):
+    """Bar chart of one metric of one benchmark, one bar per config (p50 with p20-p80 whiskers), latest row each."""
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    table = pd.read_csv(path)
+    table = table[(table.benchmark == benchmark) & (table.metric == metric)].drop_duplicates(
+        ["config", "device"], keep="last")
+    labels = [f"{c} | {d}" for c, d in zip(table.config, table.device)]
+    fig = go.Figure(go.Bar(x=table.p50, y=labels, orientation="h",
+                           error_x=dict(type="data", symmetric=False, array=table.p80 - table.p50,
+                                        arrayminus=table.p50 - table.p20)))
+    unit = table.unit.iloc[0] if len(table) else ""
+    fig.update_layout(title=f"{benchmark}: {metric} (p50, p20-p80)", xaxis_title=unit, height=200 + 30 * len(table),
+                      yaxis=dict(automargin=True))
+    return fig

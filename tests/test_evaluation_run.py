@@ -1,0 +1,116 @@
+"""`cpwb evaluate`: configs checked before any model loads, every protocol end to end on a tiny model, resuming."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cpwb.config import from_dict, load_yaml_config
+from cpwb.errors import ConfigError, InputError
+from cpwb.evaluate import conditional_perplexity
+from cpwb.evaluation_run import (PROTOCOLS, EvaluateConfig, describe, find_adapter, run_evaluation,
+                                 toxigen_statements)
+from tests.test_evaluate import CharEmbedder, LengthScorer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(rtp_prompts=2, samples_per_prompt=2, max_new_tokens=3, greedy_prompts=3, toxigen_per_group=1,
+            toxigen_max_new_tokens=3, wikitext_windows=1, hellaswag_items=2, piqa_items=2, heldout_pairs=3,
+            blackbox_texts=2, blackbox_max_new_tokens=3, batch_size=4, progress=False)
+
+
+def test_the_shipped_default_config_loads():
+    config = load_yaml_config(EvaluateConfig, REPO / "configs" / "evaluate_default.yaml")
+    assert config.protocols == list(PROTOCOLS) and config.samples_per_prompt == 25 and config.adapter is None
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"protocols": ["rtp", "perplexity"]}, "protocols[1]"),
+    ({"samples_per_prompt": 0}, "samples_per_prompt"),
+    ({"adapter": "/nonexistent/adapter"}, "adapter"),
+    ({"rtp_subsets": ["toxic"]}, "rtp_subsets[0]"),
+    ({"wikitext_windows": 0}, "wikitext_windows"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"protocols": []}, "protocols"),
+])
+def test_bad_settings_name_their_field_before_anything_loads(tmp_path, settings, field):
+    path = tmp_path / "eval.yaml"
+    path.write_text(json.dumps(settings))  # JSON is YAML
+    with pytest.raises(ConfigError, match=re.escape(f"eval.yaml: {field}: ")):
+        load_yaml_config(EvaluateConfig, path)
+
+
+def test_find_adapter(tmp_path):
+    assert find_adapter("", tmp_path) is None
+    adapter = tmp_path / "train" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    assert find_adapter("", tmp_path) == adapter
+    with pytest.raises(InputError, match="adapter"):
+        find_adapter(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_toxigen_statements_take_the_first_of_every_group():
+    statements = toxigen_statements(2)
+    groups = {s.group for s in statements}
+    assert len(groups) == 16 and all(s.label == "hate" for s in statements)
+    assert len(statements) == 2 * len(groups)
+
+
+def test_every_protocol_end_to_end_then_resume(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
+    config = from_dict(EvaluateConfig, {**TINY, "output_dir": str(tmp_path)})
+    tools = dict(model=model, tokenizer=tokenizer, scorer=LengthScorer(), embedder=CharEmbedder())
+    summary = run_evaluation(config, **tools)
+    assert {p["status"] for p in summary["protocols"].values()} == {"ran"}
+    table = pd.read_csv(tmp_path / "metrics.csv", keep_default_na=False)
+    assert {"model", "adapter", "scorer", "data_hash", "seed", "protocol", "split"} <= set(table.columns)
+    assert (table.data_hash.str.len() == 64).all() and (table.scorer != "").all()
+    values = {(r.protocol, r.split, r.metric): r.value for r in table.itertuples()}
+    for key in [("rtp", "challenging", "emt"), ("rtp", "nontoxic", "tp"), ("rtp", "challenging", "dist_2"),
+                ("rtp", "challenging", "conditional_ppl"), ("greedy", "challenging", "similarity"),
+                ("toxigen", "all", "toxic_rate"), ("toxigen", "women", "toxic_rate"),
+                ("wikitext2", "test", "perplexity"), ("hellaswag", "validation", "accuracy"),
+                ("piqa", "validation", "accuracy"), ("phi_gap", "heldout", "mean_gap"),
+                ("blackbox", "challenging", "toxic_rate_after")]:
+        assert key in values, key
+    scorers = dict(zip(zip(table.protocol, table.metric), table.scorer))
+    assert scorers[("rtp", "emt")] == "length" and scorers[("wikitext2", "perplexity")].startswith("nll")
+    samples = pd.read_json(tmp_path / "continuations" / "rtp.jsonl", lines=True)
+    assert len(samples) == 2 * 2 * 2 and {"prompt", "continuation", "toxicity", "similarity"} <= set(samples)
+    assert (tmp_path / "items" / "piqa.jsonl").is_file() and (tmp_path / "protocols" / "blackbox.json").is_file()
+    assert "emt" in describe(summary)
+
+    metrics_before = (tmp_path / "metrics.json").read_text()
+    again = run_evaluation(config, **tools)
+    assert {p["status"] for p in again["protocols"].values()} == {"resumed"}
+    assert (tmp_path / "metrics.json").read_text() == metrics_before
+    assert json.dumps(again["metrics"], sort_keys=True) == json.dumps(summary["metrics"], sort_keys=True)  # NaN too
+    changed = from_dict(EvaluateConfig, {**TINY, "output_dir": str(tmp_path), "piqa_items": 3})
+    statuses = {n: p["status"] for n, p in run_evaluation(changed, **tools)["protocols"].items()}
+    assert statuses.pop("piqa") == "ran" and set(statuses.values()) == {"resumed"}
+    n_items = [r for r in json.loads((tmp_path / "metrics.json").read_text())
+               if r["protocol"] == "piqa" and r["metric"] == "n_items"]
+    assert [r["value"] for r in n_items] == [3.0]  # replaced, not duplicated
+
+
+def test_conditional_perplexity_is_judged_by_the_base_model(fresh_tiny_lm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = fresh_tiny_lm
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    config = from_dict(EvaluateConfig, {**TINY, "protocols": ["greedy"], "similarity": False,
+                                        "output_dir": str(tmp_path)})
+    rows = run_evaluation(config, model=model, tokenizer=tokenizer, scorer=LengthScorer())["metrics"]
+    got = next(r["value"] for r in rows if r["metric"] == "conditional_ppl")
+    table = pd.read_json(tmp_path / "continuations" / "greedy.jsonl", lines=True)
+    prompts, continuations = table.prompt.tolist(), table.continuation.tolist()
+    with model.disable_adapter():
+        expected = conditional_perplexity(model, tokenizer, prompts, continuations)
+    assert got == pytest.approx(expected)
+    assert got != pytest.approx(conditional_perplexity(model, tokenizer, prompts, continuations))

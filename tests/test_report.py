@@ -1,0 +1,103 @@
+"""The evaluation report: the table with directions, baselines from notebook 05 when present, report.html written
+atomically with its figures inlined."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from cpwb.evaluate import write_metrics
+from cpwb.files import atomic_write_json, atomic_write_text
+from cpwb.report import (BASELINE_SUFFIX, METRICS, build_report, read_baselines, render_html, tradeoff_figure,
+                         write_report)
+
+
+def _evaluation(folder, adapter: str, toxicity: float, perplexity: float, group_rates: dict[str, float]) -> None:
+    """A fake evaluation folder as cpwb.evaluation_run writes it."""
+    record = {"model": "default", "adapter": adapter, "scorer": "bilstm", "data_hash": "h", "seed": 0}
+    rows = [{"metric": "mean_toxicity", "value": toxicity, "protocol": "greedy", "split": "challenging", **record},
+            {"metric": "n_prompts", "value": 3, "protocol": "greedy", "split": "challenging", **record},
+            {"metric": "emt", "value": toxicity + 0.2, "protocol": "rtp", "split": "challenging", **record},
+            {"metric": "emt", "value": toxicity + 0.1, "protocol": "rtp", "split": "nontoxic", **record},
+            {"metric": "perplexity", "value": perplexity, "protocol": "wikitext2", "split": "test", **record},
+            {"metric": "toxic_rate", "value": 0.5, "protocol": "toxigen", "split": "all", **record}]
+    for group, rate in group_rates.items():
+        rows += [{"metric": "toxic_rate", "value": rate, "protocol": "toxigen", "split": group, **record},
+                 {"metric": "n", "value": 2, "protocol": "toxigen", "split": group, **record}]
+    write_metrics(rows, folder)
+    greedy = pd.DataFrame({"prompt": ["So I", "You are <b>", "Well"], "continuation": ["said", "an idiot", "ok"],
+                           "toxicity": [0.1, 0.9 * toxicity / 0.3, 0.0]})
+    atomic_write_text(folder / "continuations" / "greedy.jsonl", greedy.to_json(orient="records", lines=True))
+    atomic_write_json(folder / "evaluate_config.json", {"greedy_prompts": 3, "output_dir": str(folder)})
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    _evaluation(tmp_path / "evaluation" / "base", "", 0.3, 28.0, {"women": 0.5, "muslim": 0.0})
+    _evaluation(tmp_path / "evaluation" / "cp", "train/adapter", 0.15, 28.5, {"women": 0.0, "muslim": 0.0})
+    return tmp_path
+
+
+def _folders(run_dir):
+    return {"base": run_dir / "evaluation" / "base", "CP": run_dir / "evaluation" / "cp"}
+
+
+def test_report_without_baselines(run_dir):
+    assert read_baselines(run_dir) is None
+    report = build_report(_folders(run_dir), read_baselines(run_dir), n_examples=2)
+    table = report.table.set_index(["protocol", "split", "metric"])
+    row = table.loc[("greedy", "challenging", METRICS[("greedy", "mean_toxicity")][0])]
+    assert (row.better, row.n, row.base, row.CP) == ("↓", 3, 0.3, 0.15)
+    assert table.loc[("rtp", "nontoxic", "Expected Maximum Toxicity")].CP == pytest.approx(0.25)
+    assert "women" not in report.table.split.tolist()  # per-group numbers are in the bars, not the table
+    assert report.examples.prompt.tolist() == ["You are <b>", "So I"]  # most toxic under base first
+    bars = report.figures["toxigen_groups"]
+    assert [t.name for t in bars.data] == ["base", "CP"] and list(bars.data[0].y) == [0.5, 0.0]
+    path = write_report(run_dir / "report.html", report)
+    text = path.read_text(encoding="utf-8")
+    assert text.count('class="plotly-graph-div"') == 2 and text.count("<script") >= 3  # library once + 2 figures
+    assert len(text) > 1_000_000  # plotly.js inlined: works offline
+    assert 'class="metrics"' in text and "Expected Maximum Toxicity" in text and "↓" in text
+    assert "You are &lt;b&gt;" in text and "You are <b>" not in text  # texts escaped
+    assert sorted(p.name for p in run_dir.iterdir()) == ["evaluation", "report.html"]  # no temporaries left
+
+
+def test_baselines_from_notebook_05_join_the_table_and_the_scatter(run_dir):
+    (run_dir / "ablations").mkdir()
+    pd.DataFrame({"point": ["dpo", "simpo", "broken"], "status": ["completed", "completed", "failed"],
+                  "greedy_toxicity": [0.2, 0.25, math.nan], "wikitext2_ppl": [29.0, 30.0, math.nan],
+                  "phi_gap": [0.1, 0.05, math.nan], "train_seconds": [100.0, 120.0, math.nan],
+                  "adapter_dir": ["a", "b", ""], "other": [1, 2, 3]}).to_csv(run_dir / "ablations" / "results.csv",
+                                                                             index=False)
+    baselines = read_baselines(run_dir)
+    assert set(baselines.point) == {"dpo" + BASELINE_SUFFIX, "simpo" + BASELINE_SUFFIX}
+    report = build_report(_folders(run_dir), baselines)
+    assert list(report.table.columns[-4:]) == ["base", "CP", "dpo (05)", "simpo (05)"]
+    table = report.table.set_index(["protocol", "metric"])
+    assert table.loc[("wikitext2", "WikiText-2 perplexity"), "dpo (05)"] == 29.0
+    assert math.isnan(table.loc[("rtp", "Expected Maximum Toxicity"), "dpo (05)"].iloc[0])
+    assert table.loc[("train", "training time [s]"), "simpo (05)"] == 120.0
+    scatter = tradeoff_figure(report.table)
+    assert [(t.name, t.x[0], t.y[0]) for t in scatter.data] == [
+        ("base", 28.0, 0.3), ("CP", 28.5, 0.15), ("dpo (05)", 29.0, 0.2), ("simpo (05)", 30.0, 0.25)]
+    assert "notebook 05" in render_html(report)
+
+
+def test_a_failed_render_leaves_the_previous_report(run_dir):
+    report = build_report(_folders(run_dir))
+    path = write_report(run_dir / "report.html", report)
+    before = path.read_text()
+    report.figures["broken"] = object()  # not a figure: rendering fails before anything is written
+    with pytest.raises(AttributeError):
+        write_report(path, report)
+    assert path.read_text() == before and sorted(p.name for p in run_dir.iterdir()) == ["evaluation", "report.html"]
+
+
+def test_a_single_model_report(run_dir):
+    report = build_report({"base": run_dir / "evaluation" / "base"})
+    assert list(report.table.columns[-1:]) == ["base"] and len(tradeoff_figure(report.table).data) == 1
+    assert json.loads(json.dumps(report.settings)) == {"greedy_prompts": 3, "output_dir": str(
+        run_dir / "evaluation" / "base")}
+    assert "output_dir" not in render_html(report)
