@@ -23,21 +23,21 @@ METHOD_SETTINGS = {"objective", "negatives", "kl_weight"}
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    """A sweep's results.csv (cpwb.grid), checked for the columns the comparison needs."""
+    """A sweep's results.csv (cpwb.sweep), checked for the columns the comparison needs."""
     path = Path(path)
     if not path.is_file():
         raise InputError("results file not found", path)
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     missing = [c for c in REQUIRED_COLUMNS if c not in frame]
     if missing:
-        raise InputError(f"missing column(s) {missing}; expected a results.csv written by cpwb.grid", path, line=1,
+        raise InputError(f"missing column(s) {missing}; expected a results.csv written by cpwb.sweep", path, line=1,
                          field=missing[0])
     frame["varied"] = frame["varied"].fillna("")
     return frame
 
 
 def setting_columns(frame: pd.DataFrame) -> list[str]:
-    """The settings columns of a results.csv: cpwb.grid writes them between `status` and `seed`."""
+    """The settings columns of a results.csv: cpwb.sweep writes them between `status` and `seed`."""
     columns = list(frame.columns)
     return columns[columns.index("status") + 1:columns.index("seed")]
 

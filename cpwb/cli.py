@@ -18,7 +18,7 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     """Execute the ordered notebooks with papermill into outputs/<run-id>/."""
     from cpwb.config import from_dict, load_yaml_config
-    from cpwb.sweep import RunConfig, raise_on_failure, run_notebooks
+    from cpwb.runner import RunConfig, raise_on_failure, run_notebooks
 
     extra = {"notebooks": args.notebooks.split(",")} if args.notebooks else {}
     extra |= {"run_id": args.run_id} if args.run_id else {}
@@ -92,8 +92,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run a parameter grid of train-and-evaluate points into outputs/sweeps/<name>/ (see cpwb.grid)."""
-    from cpwb.grid import command
+    """Run a parameter grid of train-and-evaluate points into outputs/sweeps/<name>/ (see cpwb.sweep)."""
+    from cpwb.sweep import command
 
     return command(args)
 
@@ -139,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweeper = sub.add_parser("sweep", help="run a parameter grid (points through papermill) into one results.csv")
     sweeper.add_argument("grid", help="grid YAML file (see configs/ablations.yaml)")
-    sweeper.add_argument("--only", metavar="PATTERN", help="run only points whose id contains PATTERN (wildcards ok)")
+    sweeper.add_argument("--only", metavar="PATTERN", action="append",
+                         help="run only points whose id contains PATTERN (wildcards ok; repeat for several)")
     sweeper.add_argument("--dry-run", action="store_true", help="list the points and their count, run nothing")
+    sweeper.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own kernel (default 1)")
     sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
     sweeper.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                          help="override a base setting of every point, value read as YAML (repeatable)")

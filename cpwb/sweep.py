@@ -1,164 +1,341 @@
-"""Execute the ordered notebooks headlessly with papermill into a run folder, resumably.
+"""Parameter-grid sweeps: many train-and-evaluate points run through papermill, resumably, into one results.csv.
 
-A run folder `outputs/<run-id>/` records its resolved parameters and each notebook's status in `run.json`.
-A notebook already completed with the same file contents and parameters is skipped on re-run; execution stops at
-the first failing notebook, whose partially executed copy is kept beside the others.
+A grid file names a base configuration and variations around it (a list of points, a cartesian `grid`,
+`one_at_a_time` changes), each run for every seed in `seeds`. Every point's settings are checked against
+TrainConfig and QuickEvalConfig before anything runs. Each point is executed with papermill into
+`<output_root>/<name>/<point-id>/`; a point whose result.json is there is skipped on re-run, a failing point is
+recorded with its error and the sweep goes on, and results.csv (one row per point) is rewritten atomically after
+every point.
 """
 from __future__ import annotations
 
-import ast
-import hashlib
+import dataclasses
+import fnmatch
+import itertools
 import json
+import re
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpwb import __version__
-from cpwb.config import require
-from cpwb.errors import ConfigError, CpwbError
-from cpwb.files import atomic_write_json, sha256_file
+from cpwb.config import from_dict, load_yaml_config
+from cpwb.errors import ConfigError
+from cpwb.experiment import QuickEvalConfig
+from cpwb.files import atomic_write_json, atomic_write_text
+from cpwb.runner import NOTEBOOK_DIR, REPO_ROOT, declared_parameters, execute_notebook, select_parameters
+from cpwb.train import TrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+POINT_NOTEBOOK = NOTEBOOK_DIR / "points" / "train_evaluate.ipynb"
+CONFIG_CLASSES = (TrainConfig, QuickEvalConfig)
+SET_BY_SWEEP = ("output_dir", "seed")  # the sweep sets these per point (seeds come from `seeds`)
+PATH_SETTINGS = ("pairs", "model")  # made absolute when they name an existing path: points run from the repo root
+# Always written to results.csv, varied or not: what the ablation figures group by.
+DESIGN_COLUMNS = ("objective", "negatives", "max_positives", "max_negatives", "random_negatives", "alpha", "tau",
+                  "prototype", "normalize_text", "kl_weight", "anchor_weight", "lr", "steps")
+METRIC_ORDER = ("greedy_toxicity", "base_greedy_toxicity", "toxicity_change", "greedy_toxic_rate",
+                "base_greedy_toxic_rate", "wikitext2_ppl", "base_wikitext2_ppl", "ppl_change", "phi_gap",
+                "base_phi_gap", "phi_gap_share_positive", "base_phi_gap_share_positive", "train_seconds",
+                "step_seconds_median", "peak_memory_mb")
+
 
 @dataclass
-class RunConfig:
-    """What `cpwb run` executes: which notebooks, with which parameters, into which folder."""
+class Grid:
+    """A sweep: a base configuration, its variations and seeds (the YAML grid file mirrors it)."""
 
-    notebooks: list[str] = field(default_factory=list)  # names like "00_tour"; empty means every NN_*.ipynb
-    parameters: dict[str, Any] = field(default_factory=dict)  # passed to each notebook that declares them
-    run_id: str | None = None  # default: derived from the notebooks and parameters, so a re-run resumes
-    output_root: str = "outputs"
-    kernel: str = "python3"
-    force: bool = False  # re-execute notebooks already completed
-    notebook_dir: str | None = None  # default: the project's notebooks/
+    name: str
+    base: dict[str, Any] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)  # explicit variations, each a mapping of settings
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # cartesian product of these values
+    one_at_a_time: dict[str, list[Any]] = field(default_factory=dict)  # each value alone, the rest as the base
+    seeds: list[int] = field(default_factory=lambda: [0])
+    include_base: bool = True
+    notebook: str | None = None  # default: notebooks/points/train_evaluate.ipynb
+    source: str | None = field(default=None, init=False)  # the grid file, for error messages
 
     def __post_init__(self) -> None:
-        require(self.run_id is None or (self.run_id and "/" not in self.run_id), "run_id",
-                "must be a non-empty folder name without '/'")
+        if not self.notebook_path.is_file():
+            raise ConfigError(f"notebook not found: {self.notebook_path}", field="notebook")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ConfigError(f"must be a folder name of letters, digits, '.', '_' or '-', got {self.name!r}",
+                              field="name")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"must be a non-empty list of distinct seeds, got {self.seeds}", field="seeds")
+        for section in ("grid", "one_at_a_time"):
+            for key, values in getattr(self, section).items():
+                if not isinstance(values, list) or not values:
+                    raise ConfigError(f"must be a non-empty list of values, got {values!r}", field=f"{section}.{key}")
+        for i, point in enumerate(self.points):
+            if not isinstance(point, dict):
+                raise ConfigError(f"must be a mapping of settings, got {point!r}", field=f"points[{i}]")
+        sections = [("base", self.base), *((f"points[{i}]", p) for i, p in enumerate(self.points)),
+                    ("grid", self.grid), ("one_at_a_time", self.one_at_a_time)]
+        for section, settings in sections:
+            for key in SET_BY_SWEEP:
+                if key in settings:
+                    raise ConfigError("is set by the sweep per point (use `seeds` for seeds)",
+                                      field=f"{section}.{key}")
+
+    @property
+    def notebook_path(self) -> Path:
+        """The notebook every point executes."""
+        return Path(self.notebook) if self.notebook else POINT_NOTEBOOK
 
 
-def ordered_notebooks(names: list[str] | None = None, folder: Path = NOTEBOOK_DIR) -> list[Path]:
-    """The workbench notebooks in order (all `NN_*.ipynb`, or the named ones), failing on unknown names."""
-    available = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-    if not names:
-        return available
-    by_name = {p.stem: p for p in available} | {p.stem[:2]: p for p in available}
-    missing = [n for n in names if n.removesuffix(".ipynb") not in by_name]
-    if missing:
-        raise ConfigError(f"unknown notebook(s) {missing}; available: {[p.stem for p in available]}",
-                          field="notebooks")
-    return [by_name[n.removesuffix(".ipynb")] for n in names]
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep: its id, the settings that differ from the base, its seed and every parameter."""
+
+    id: str
+    variant: str  # the id without the seed: what seeds are aggregated over
+    varied: dict[str, Any]
+    seed: int
+    parameters: dict[str, Any]  # everything passed to the notebook, output_dir excepted
 
 
-def declared_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
-    """The parameters a notebook's `parameters` cell declares, with papermill's inferred types and defaults."""
-    import papermill
+def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid:
+    """Read a grid YAML file (`overrides` are merged into its base) and validate every point it expands to."""
+    grid = load_yaml_config(Grid, path)
+    if overrides:
+        grid = dataclasses.replace(grid, base={**grid.base, **overrides})
+    grid.source = str(path)
+    expand(grid)
+    return grid
 
-    return papermill.inspect_notebook(str(notebook))
+
+# ----------------------------------------------------------------------------------------------- points
 
 
-def _default_value(text: str) -> Any:
-    """A parameters-cell default as a Python value, or None when it is not a literal."""
+def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(TrainConfig settings, QuickEvalConfig settings, anything else) of a flat mapping."""
+    parts: list[dict[str, Any]] = [{}, {}, {}]
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in CONFIG_CLASSES]
+    for key, value in settings.items():
+        index = next((i for i, known in enumerate(names) if key in known), 2)
+        parts[index][key] = value
+    return parts[0], parts[1], parts[2]
+
+
+def point_configs(namespace: dict[str, Any]) -> tuple[TrainConfig, QuickEvalConfig]:
+    """The two configs from a notebook's namespace (its parameters); used by the point notebook."""
+    train, evaluate, _ = split_settings(namespace)
+    return from_dict(TrainConfig, train), from_dict(QuickEvalConfig, evaluate)
+
+
+def _resolve(settings: dict[str, Any], grid: Grid, declared: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validated, complete parameters of one point: every config field, plus the notebook's own parameters."""
+    train, evaluate, other = split_settings({"progress": False, **settings})
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        unknown = sorted(set(other) - set(declared))
+        if unknown:
+            raise ConfigError(f"unknown setting: not a field of TrainConfig or QuickEvalConfig, nor a parameter of "
+                              f"{grid.notebook_path.name}", field=unknown[0])
+        return {**dataclasses.asdict(from_dict(TrainConfig, train)),
+                **dataclasses.asdict(from_dict(QuickEvalConfig, evaluate)),
+                **(select_parameters(grid.notebook_path, other) if other else {})}
+    except ConfigError as err:
+        raise ConfigError(f"in {where}: {err.reason}", grid.source, field=err.field) from None
+
+
+def _absolute_paths(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Settings naming an existing file or folder made absolute, since points run from the repository root."""
+    return {k: str(Path(v).resolve()) if k in PATH_SETTINGS and isinstance(v, str) and Path(v).exists() else v
+            for k, v in parameters.items()}
+
+
+def _id_value(value: Any) -> str:
+    """A setting's value as written in a point id: readable and safe in a folder name."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(_id_value(v) for v in value)
+    text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text)
+
+
+def variant_id(varied: dict[str, Any]) -> str:
+    """`key=value__key=value` over the varied settings in key order, or `base`; a long id ends in a digest."""
+    import hashlib
+
+    text = "__".join(f"{k}={_id_value(varied[k])}" for k in sorted(varied)) or "base"
+    return text if len(text) <= 120 else f"{text[:100]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def variations(grid: Grid) -> list[dict[str, Any]]:
+    """The grid's variations around its base, in order: base, points, cartesian grid, one at a time."""
+    found: list[dict[str, Any]] = [{}] if grid.include_base else []
+    found += [dict(p) for p in grid.points]
+    if grid.grid:
+        keys = list(grid.grid)
+        found += [dict(zip(keys, values)) for values in itertools.product(*(grid.grid[k] for k in keys))]
+    return found + [{key: value} for key, values in grid.one_at_a_time.items() for value in values]
+
+
+def expand(grid: Grid) -> list[Point]:
+    """Every point of the grid, each validated; seed-major (every variant of the first seed comes first).
+
+    A setting equal to the base's is no variation, and variations that end up identical are kept once.
+    """
+    declared = declared_parameters(grid.notebook_path)
+    base = _resolve(grid.base, grid, declared, "base")
+    variants: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for variation in variations(grid):
+        parameters = _resolve({**grid.base, **variation}, grid, declared, f"point {variant_id(variation)}")
+        varied = {k: parameters[k] for k in variation if parameters[k] != base[k]}
+        name = variant_id(varied)
+        if name in variants and variants[name][0] != varied:
+            raise ConfigError(f"variations {variants[name][0]} and {varied} get the same point id {name!r}",
+                              grid.source, field="points")
+        variants.setdefault(name, (varied, _absolute_paths(parameters)))
+    return [Point(f"{name}__seed={seed}", name, varied, seed, {**parameters, "seed": seed})
+            for seed in grid.seeds for name, (varied, parameters) in variants.items()]
+
+
+def select(points: list[Point], patterns: str | list[str] | None) -> list[Point]:
+    """The points whose id contains any of `patterns` (shell-style wildcards allowed); all of them without one."""
+    patterns = [patterns] if isinstance(patterns, str) else patterns or []
+    return [p for p in points if not patterns or any(fnmatch.fnmatchcase(p.id, f"*{q}*") for q in patterns)]
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def _stale_settings(result: dict[str, Any], point: Point) -> list[str]:
+    """Settings recorded in a point's result.json that differ from the point's (empty when they agree)."""
+    recorded = {**result.get("config", {}), **result.get("eval", {})}
+    return sorted(k for k, v in recorded.items() if k not in ("output_dir", "progress") and k in point.parameters
+                  and json.dumps(v) != json.dumps(point.parameters[k]))
+
+
+def _scalars(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The numbers and texts of a mapping (lists and nested mappings left out), keys prefixed."""
+    return {prefix + k: v for k, v in values.items() if v is None or isinstance(v, (int, float, str))}
+
+
+def result_row(point: Point, point_dir: Path, columns: list[str], status: str, error: str = "") -> dict[str, Any]:
+    """One results.csv row: the point, its settings in `columns`, and its metrics when it completed."""
+    row: dict[str, Any] = {"point": point.id, "variant": point.variant, "varied": ",".join(sorted(point.varied)),
+                           "status": status, **{c: point.parameters.get(c) for c in columns}, "seed": point.seed}
+    if status == "completed":
+        result = json.loads((point_dir / "result.json").read_text())
+        metrics = {**_scalars({k: v for k, v in result.items() if k not in ("base", "trained")}),
+                   **_scalars(result.get("trained", {})), **_scalars(result.get("base", {}), "base_")}
+        row |= {k: metrics[k] for k in METRIC_ORDER if k in metrics}
+        row |= {k: metrics[k] for k in sorted(metrics) if k not in row}
+    adapter = point_dir / "adapter"
+    return row | {"adapter_dir": str(adapter) if status == "completed" and adapter.is_dir() else "", "error": error}
+
+
+def recorded_row(point: Point, point_dir: Path, columns: list[str]) -> dict[str, Any] | None:
+    """The row of a point that already has a result.json (failed if it holds other settings), else None."""
+    path = point_dir / "result.json"
+    if not path.is_file():
         return None
+    stale = _stale_settings(json.loads(path.read_text()), point)
+    if stale:
+        return result_row(point, point_dir, columns, "failed", f"{point_dir} holds a result of other settings "
+                          f"({', '.join(stale)}); remove the folder or use another grid name")
+    return result_row(point, point_dir, columns, "completed")
 
 
-def select_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The subset of `parameters` the notebook declares, type-checked against the type of each default."""
-    declared = declared_parameters(notebook)
-    chosen = {}
-    for name, value in parameters.items():
-        if name not in declared:
-            continue
-        default = _default_value(declared[name]["default"])
-        expected: tuple[type, ...] = (int, float) if type(default) is float else (type(default),)
-        wrong = default is not None and value is not None and (
-            not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool))
-        if wrong:
-            raise ConfigError(f"expected {type(default).__name__} (default {declared[name]['default']}), "
-                              f"got {type(value).__name__} {value!r}", notebook.name, field=name)
-        chosen[name] = value
-    return chosen
+def write_results(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """results.csv, atomically: the columns are the union over rows in first-seen order, adapter_dir and error last."""
+    import pandas as pd
+
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in ("adapter_dir", "error")]
+    return atomic_write_text(path, pd.DataFrame(rows, columns=columns + ["adapter_dir", "error"]).to_csv(index=False))
 
 
-def _digest(obj: Any) -> str:
-    """Short stable hash of a JSON-able object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def _error_line(err: Exception) -> str:
+    """One line for results.csv: papermill's cell exception name and value, else the exception itself."""
+    name = getattr(err, "ename", None)
+    text = f"{name}: {getattr(err, 'evalue', '')}" if name else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())[:500]
 
 
-def default_run_id(notebooks: list[Path], parameters: dict[str, Any]) -> str:
-    """A run id derived from what runs, so the same command resumes the same folder."""
-    return f"run-{_digest({'notebooks': [p.name for p in notebooks], 'parameters': parameters})}"
+def run_point(grid: Grid, point: Point, point_dir: Path, columns: list[str], kernel: str = "python3"
+              ) -> dict[str, Any]:
+    """Execute one point with papermill (unless it has a result already) and return its results.csv row."""
+    recorded = recorded_row(point, point_dir, columns)
+    if recorded is not None:
+        return recorded
+    point_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        execute_notebook(grid.notebook_path, point_dir / grid.notebook_path.name,
+                         {**point.parameters, "output_dir": str(point_dir)}, cwd=REPO_ROOT, kernel=kernel)
+    except Exception as err:  # papermill raises PapermillExecutionError carrying the cell's exception
+        return result_row(point, point_dir, columns, "failed", _error_line(err))
+    if not (point_dir / "result.json").is_file():
+        return result_row(point, point_dir, columns, "failed", "the notebook finished without writing result.json")
+    return result_row(point, point_dir, columns, "completed") | {"point_seconds": time.time() - started}
 
 
-@dataclass
-class NotebookResult:
-    """Outcome of one notebook in a run."""
+def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: bool = True,
+             only: str | list[str] | None = None, kernel: str = "python3", jobs: int = 1) -> Path:
+    """Run the grid's points (those whose id contains any pattern of `only`) into `<output_root>/<name>/`; returns results.csv.
 
-    notebook: str
-    output: str
-    status: str  # completed | skipped | failed
-    seconds: float
-    error: str | None = None
+    A relative `output_root` is taken from the repository root, and points run there, as with `cpwb run`.
+    results.csv lists every point of the grid: completed, failed or pending. `jobs` points run at once, each in
+    its own kernel process (on a machine with N cores, N jobs with OMP_NUM_THREADS=1 use it best).
+    """
+    from tqdm.auto import tqdm
 
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}", field="jobs")
 
-def execute_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cwd: Path,
-                     kernel: str = "python3") -> None:
-    """Run one notebook with papermill, logging its output; the executed copy is written as it goes."""
-    import papermill
-
-    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel,
-                               log_output=True, progress_bar=False, cwd=str(cwd))
-
-
-def run_notebooks(config: RunConfig) -> tuple[Path, list[NotebookResult]]:
-    """Execute the configured notebooks in order into `<output_root>/<run_id>/`; returns the folder and results."""
-    folder = Path(config.notebook_dir) if config.notebook_dir else NOTEBOOK_DIR
-    notebooks = ordered_notebooks(config.notebooks, folder)
-    selected = {nb.name: select_parameters(nb, config.parameters) for nb in notebooks}
-    run_id = config.run_id or default_run_id(notebooks, config.parameters)
-    run_dir = (Path(config.output_root) if Path(config.output_root).is_absolute()
-               else REPO_ROOT / config.output_root) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record_path = run_dir / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    done = record.get("notebooks", {})
-    results = []
-    for nb in notebooks:
-        params = {**selected[nb.name]}
-        if "run_dir" in declared_parameters(nb):
-            params["run_dir"] = str(run_dir)
-        key = _digest({"file": sha256_file(nb), "parameters": params})
-        output = run_dir / nb.name
-        previous = done.get(nb.name, {})
-        if not config.force and previous.get("status") == "completed" and previous.get("key") == key \
-                and output.is_file():
-            results.append(NotebookResult(nb.name, str(output), "skipped", 0.0))
-            continue
-        started = time.time()
-        try:
-            execute_notebook(nb, output, params, cwd=folder, kernel=config.kernel)
-            result = NotebookResult(nb.name, str(output), "completed", time.time() - started)
-        except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
-            result = NotebookResult(nb.name, str(output), "failed", time.time() - started,
-                                    f"{type(err).__name__}: {err}")
-        results.append(result)
-        done[nb.name] = {"status": result.status, "key": key, "parameters": params, "seconds": result.seconds,
-                         "error": result.error}
-        atomic_write_json(record_path, {"run_id": run_id, "cpwb_version": __version__,
-                                        "parameters": config.parameters, "notebooks": done})
-        if result.status == "failed":
-            break
-    return run_dir, results
+    points = expand(grid)
+    root = Path(output_root) if Path(output_root).is_absolute() else REPO_ROOT / output_root
+    folder = root / grid.name
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "grid.json", {"grid": dataclasses.asdict(grid), "notebook": str(grid.notebook_path),
+                                             "points": [dataclasses.asdict(p) for p in points]})
+    varied = [k for p in points for k in p.varied]
+    columns = [c for c in dict.fromkeys(varied + list(DESIGN_COLUMNS)) if any(c in p.parameters for p in points)]
+    rows = {p.id: recorded_row(p, folder / p.id, columns) or result_row(p, folder / p.id, columns, "pending")
+            for p in points}
+    results = write_results(folder / "results.csv", list(rows.values()))
+    waiting = select(points, only)[::-1]
+    running: dict[Future, Point] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool, \
+            tqdm(total=len(waiting), desc=f"sweep {grid.name}", unit="point", disable=not progress) as bar:
+        while waiting or running:
+            while waiting and len(running) < jobs:  # a new point starts only once results.csv is up to date
+                point = waiting.pop()
+                running[pool.submit(run_point, grid, point, folder / point.id, columns, kernel)] = point
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:  # results.csv is written here only, by this one thread
+                point = running.pop(future)
+                rows[point.id] = future.result()
+                write_results(results, list(rows.values()))
+                bar.set_postfix_str(point.id)
+                bar.update()
+    return results
 
 
-def raise_on_failure(results: list[NotebookResult]) -> None:
-    """Raise naming the failed notebook, its kept partial output and its error."""
-    for result in results:
-        if result.status == "failed":
-            raise CpwbError(f"notebook {result.notebook} failed (partial output kept at {result.output}):\n"
-                            f"{result.error}")
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def command(args) -> int:
+    """`cpwb sweep` (see cpwb.cli): list the points (`--dry-run`) or run them; cpwb errors go to the caller."""
+    from cpwb.config import parse_override
+
+    grid = load_grid(args.grid, dict(parse_override(p) for p in args.param))
+    points = select(expand(grid), args.only)
+    if args.dry_run:
+        print("\n".join(p.id for p in points))
+        print(f"{len(points)} point(s) of sweep {grid.name}, {len(grid.seeds)} seed(s) each")
+        return 0
+    print(f"results: {run_grid(grid, args.output_root, only=args.only, jobs=args.jobs)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cpwb.sweep GRID.yaml ...`: the same as `cpwb sweep GRID.yaml ...`."""
+    from cpwb.cli import main as cli_main
+
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,7 +62,7 @@ class TrainConfig:
     alpha: float = 1.0
     anchor_weight: float = 1.0
     kl_weight: float = 2.0  # + kl_weight * mean token KL(base || model) on `kl_data` (keeps non-toxic text as it was)
-    kl_data: Literal["positives", "general"] = "positives"  # general: benign web text (cpwb.data.general_texts)
+    kl_data: Literal["positives", "general"] = "general"  # general: benign web text (cpwb.data.general_texts)
     kl_texts_per_step: int = 4  # general texts per micro-batch when kl_data is general
     phi_form: Literal["log_ppl", "ppl"] = "log_ppl"
     detach_prototype: bool = True
@@ -79,7 +79,7 @@ class TrainConfig:
     steps: int = 200  # optimizer steps; 0 means one epoch over the training anchors
     anchors_per_step: int = 4
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 4e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -14,7 +14,7 @@ from tests.test_train import tiny_config, tiny_setup  # noqa: F401 (tiny_setup i
 
 
 def _results() -> pd.DataFrame:
-    """A results.csv as cpwb.grid writes it: settings between `status` and `seed`, then metrics."""
+    """A results.csv as cpwb.sweep writes it: settings between `status` and `seed`, then metrics."""
     rows = []
     variants = {  # variant: (varied, objective, max_positives, random_negatives, toxicity, ppl)
         "base": ("", "cp", 3, 0, 0.20, 28.5),

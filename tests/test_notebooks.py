@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from cpwb.errors import ConfigError, CpwbError
-from cpwb.sweep import NOTEBOOK_DIR, RunConfig, ordered_notebooks, raise_on_failure, run_notebooks
+from cpwb.runner import NOTEBOOK_DIR, RunConfig, ordered_notebooks, raise_on_failure, run_notebooks
 
 NOTEBOOKS = ordered_notebooks()
 # Small parameters so that every notebook runs on the CI's CPU in a few minutes; each notebook takes those it declares.

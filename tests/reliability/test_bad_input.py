@@ -1,7 +1,7 @@
 """Bad input: every case is refused with one short line naming file, line and field, and nothing is written.
 
 Pairs files go through every consumer (the validator, `cpwb validate-pairs`, the streaming reader and training);
-configs through `cpwb train|generate|run` and the sweep; notebook parameters through cpwb.sweep. tests/test_pairs.py
+configs through `cpwb train|generate|run` and the sweep; notebook parameters through cpwb.runner. tests/test_pairs.py
 holds the reader's own unit cases; they are replayed here through the consumers, with more cases added.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cpwb.cli import main as cpwb
 from cpwb.config import from_dict
 from cpwb.errors import AssetError, ConfigError, InputError
 from cpwb.pairs import read_pairs, validate_pairs_file
-from cpwb.sweep import RunConfig, run_notebooks
+from cpwb.runner import RunConfig, run_notebooks
 from cpwb.train import TrainConfig, train
 from tests.test_pairs import CASES as READER_CASES
 from tests.test_pairs import good, write_lines
@@ -302,7 +302,7 @@ GRID_CASES = {
 @pytest.mark.bad_input
 @pytest.mark.parametrize("changes, field, message", GRID_CASES.values(), ids=GRID_CASES.keys())
 def test_bad_grid_point_is_refused_before_any_point_runs(tmp_path, changes, field, message):
-    from cpwb.grid import load_grid
+    from cpwb.sweep import load_grid
 
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"name": "g", **changes}))

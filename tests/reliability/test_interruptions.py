@@ -20,7 +20,7 @@ from cpwb.config import from_dict
 from cpwb.files import sha256_file
 from cpwb.pairs import PairRecord, PairText, read_pairs, validate_pairs_file, write_pairs
 from cpwb.paraphrase import LOG_FILE, PAIRS_FILE, load_anchors, run_generation
-from cpwb.sweep import RunConfig, run_notebooks
+from cpwb.runner import RunConfig, run_notebooks
 from cpwb.train import TrainConfig, latest_checkpoint, train
 from tests.reliability.driver import generation_config, tiny_generation_models
 from tests.reliability.jobs import job_args, train_settings
@@ -133,7 +133,7 @@ def test_sweep_killed_mid_notebook_keeps_finished_notebooks_and_redoes_the_kille
 
 @pytest.mark.fault
 def test_grid_sweep_killed_mid_point_keeps_finished_points_and_redoes_the_killed_one(tmp_path, start_job):
-    from cpwb.grid import load_grid, run_grid
+    from cpwb.sweep import load_grid, run_grid
 
     point = nbformat.v4.new_notebook()  # a stand-in for the train-and-evaluate point notebook
     point.cells = [nbformat.v4.new_code_cell("output_dir = ''\ntau = 0.5", metadata={"tags": ["parameters"]}),
@@ -149,7 +149,7 @@ def test_grid_sweep_killed_mid_point_keeps_finished_points_and_redoes_the_killed
     grid_file.write_text(yaml.safe_dump({"name": "g", "notebook": str(tmp_path / "point.ipynb"),
                                          "one_at_a_time": {"tau": [0.1, 0.2]}}))
     out = tmp_path / "out"
-    job = start_job(str(grid_file), "--output-root", str(out), module="cpwb.grid")
+    job = start_job(str(grid_file), "--output-root", str(out), module="cpwb.sweep")
     job.wait_for(out / "g" / "started")
     job.kill()
     assert (out / "g" / "base__seed=0" / "result.json").is_file()

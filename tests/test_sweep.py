@@ -10,11 +10,11 @@ import nbformat
 import pandas as pd
 import pytest
 
-import cpwb.grid as grid_module
+import cpwb.sweep as sweep_module
 from cpwb.errors import ConfigError
 from cpwb.experiment import QuickEvalConfig
-from cpwb.grid import POINT_NOTEBOOK, Grid, command, expand, load_grid, run_grid, variant_id
-from cpwb.sweep import declared_parameters, ordered_notebooks
+from cpwb.sweep import POINT_NOTEBOOK, Grid, command, expand, load_grid, run_grid, variant_id
+from cpwb.runner import declared_parameters, ordered_notebooks
 from cpwb.train import TrainConfig
 
 # A fake point notebook: writes a result.json like train_and_evaluate's from a few of the injected settings, and
@@ -125,11 +125,12 @@ def test_run_grid_validates_every_point_before_running_any(tmp_path):
 
 def test_dry_run_lists_points_and_count(tmp_path, capsys):
     path = _write_grid(tmp_path / "g.yaml", "name: g\nseeds: [0, 1, 2]\none_at_a_time: {objective: [dpo, simpo]}\n")
-    args = argparse.Namespace(grid=str(path), only="dpo", dry_run=True, param=[], output_root=str(tmp_path))
+    args = argparse.Namespace(grid=str(path), only=["dpo", "simpo__seed=[12]"], dry_run=True, param=[],
+                              output_root=str(tmp_path), jobs=1)
     assert command(args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["objective=dpo__seed=0", "objective=dpo__seed=1", "objective=dpo__seed=2",
-                   "3 point(s) of sweep g, 3 seed(s) each"]
+    assert out == ["objective=dpo__seed=0", "objective=dpo__seed=1", "objective=simpo__seed=1", "objective=dpo__seed=2",
+                   "objective=simpo__seed=2", "5 point(s) of sweep g, 3 seed(s) each"]
     with pytest.raises(ConfigError, match="in base: must be > 0"):
         command(argparse.Namespace(**{**vars(args), "param": ["tau=-1"]}))
     assert [p.name for p in tmp_path.iterdir()] == ["g.yaml"]  # a dry run writes nothing
@@ -144,13 +145,13 @@ def test_failing_point_is_recorded_sweep_goes_on_and_rerun_skips_completed_point
     grid = Grid(name="g", notebook=str(notebook), base={"steps": 3},
                 one_at_a_time={"objective": ["negatives_only", "dpo"]}, seeds=[0, 1])
     seen = []  # results.csv as it stood before each point ran: rewritten (and complete) after every point
-    real_execute = grid_module.execute_notebook
+    real_execute = sweep_module.execute_notebook
 
     def execute(*args, **kwargs):
         seen.append(list(pd.read_csv(tmp_path / "sweeps" / "g" / "results.csv").status))
         return real_execute(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "execute_notebook", execute)
+    monkeypatch.setattr(sweep_module, "execute_notebook", execute)
     results = run_grid(grid, tmp_path / "sweeps", progress=False)
     table = pd.read_csv(results)
     assert list(table.point) == [f"{v}__seed={s}" for s in (0, 1) for v in ("base", "objective=negatives_only",
@@ -176,11 +177,25 @@ def test_failing_point_is_recorded_sweep_goes_on_and_rerun_skips_completed_point
 
 
 @pytest.mark.notebook
+def test_parallel_jobs_run_every_point_once_into_the_same_results(tmp_path):
+    notebook = str(_fake_notebook(tmp_path))
+    grid = Grid(name="g", notebook=notebook, base={"steps": 3}, one_at_a_time={"objective": ["negatives_only", "dpo"]},
+                seeds=[0, 1])
+    serial = pd.read_csv(run_grid(grid, tmp_path / "serial", progress=False)).drop(columns=["adapter_dir", "point_seconds"])
+    table = pd.read_csv(run_grid(grid, tmp_path / "parallel", progress=False, jobs=3))
+    assert sorted(_executions(tmp_path / "parallel")) == sorted(table.point)  # each point executed exactly once
+    parallel = table.drop(columns=["adapter_dir", "point_seconds"]).replace(str(tmp_path / "parallel"), "", regex=True)
+    pd.testing.assert_frame_equal(parallel, serial.replace(str(tmp_path / "serial"), "", regex=True))
+    with pytest.raises(ConfigError, match="jobs"):
+        run_grid(grid, tmp_path / "parallel", progress=False, jobs=0)
+
+
+@pytest.mark.notebook
 def test_result_of_other_settings_is_not_reused_and_only_runs_the_chosen_points(tmp_path):
     notebook = str(_fake_notebook(tmp_path))
     run_grid(Grid(name="g", notebook=notebook, base={"steps": 3}), tmp_path / "sweeps", progress=False)
     changed = Grid(name="g", notebook=notebook, base={"steps": 4}, one_at_a_time={"objective": ["dpo"]})
-    table = pd.read_csv(run_grid(changed, tmp_path / "sweeps", progress=False, only="dpo"))
+    table = pd.read_csv(run_grid(changed, tmp_path / "sweeps", progress=False, only=["dpo", "nothing*matches"]))
     assert list(table.status) == ["failed", "completed"]
     assert "holds a result of other settings (steps)" in table.error[0]
     assert _executions(tmp_path / "sweeps") == ["base__seed=0", "objective=dpo__seed=0"]
