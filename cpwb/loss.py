@@ -233,16 +233,23 @@ def positives_only_loss(phi_pos: Tensor, pos_mask: Tensor) -> Tensor:
     return _anchor_mean(nll_pos, pos_mask)
 
 
-def negatives_only_loss(phi_neg: Tensor, neg_mask: Tensor, min_phi: float = 1e-6) -> Tensor:
-    """Ablation: sequence-level unlikelihood of the negatives, -mean log(1 - exp(-phi)), pushing their phi up.
+def token_unlikelihood(token_nll: Tensor, token_mask: Tensor, min_nll: float = 1e-6) -> Tensor:
+    """Per sequence, the mean over its scored tokens of -log(1 - p_t), p_t = exp(-nll_t) (Welleck et al., 2020).
 
-    We only have per-sequence phi, so the unlikelihood applies to exp(-phi), the geometric-mean token probability.
-    Computed as log(-expm1(-phi)) with phi clamped at `min_phi` (a loss of about 13.8 and no gradient below it).
+    Its pull on a token grows as p_t / (1 - p_t): likely tokens are pushed down hard, unlikely ones barely. (The
+    same on the geometric-mean probability exp(-phi) ~ 0.002 would have no gradient to speak of.) Computed as
+    log(-expm1(-nll)) with nll clamped at `min_nll` (about 13.8 and no gradient below it); NaN without tokens.
     """
-    _check_number("min_phi", min_phi, 0.0, strict_low=True)
-    nll_neg = _slots(phi_neg, neg_mask, "phi_neg")
+    _check_number("min_nll", min_nll, 0.0, strict_low=True)
+    values = -torch.log(-torch.expm1(-token_nll.float().clamp(min=min_nll)))
+    mask = token_mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1)
+
+
+def negatives_only_loss(unlikelihood_neg: Tensor, neg_mask: Tensor) -> Tensor:
+    """Ablation: token-level unlikelihood of the negatives (`token_unlikelihood` per text), mean over anchors."""
     _require_each_anchor(neg_mask, "neg_mask")
-    return _anchor_mean(-torch.log(-torch.expm1(-nll_neg.clamp(min=min_phi))), neg_mask)
+    return _anchor_mean(_slots(unlikelihood_neg, neg_mask, "unlikelihood_neg"), neg_mask)
 
 
 def _pairwise_logistic_loss(chosen: Tensor, pos_mask: Tensor, rejected: Tensor, neg_mask: Tensor, beta: float,

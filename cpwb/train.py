@@ -237,7 +237,8 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig, de
                                          tau=config.tau, alpha=config.alpha)
         return value, {"phi_pos": pos.mean().item(), "phi_neg": neg.mean().item()}, int(tokens.attention_mask.sum())
     tokens = encode(tokenizer, batch.texts, max_length=config.max_length).to(device)
-    stats = sequence_nll(model, tokens, keep_states=config.kl_weight > 0, packed=packed)
+    stats = sequence_nll(model, tokens, keep_states=config.kl_weight > 0, packed=packed,
+                         return_token_nll=config.objective == "negatives_only")
     phi = stats.phi
     phi_pos, pos_mask = to_slots(phi, batch, "pos")
     negative_roles = ("neg", "rand") if batch.sizes["rand"] else ("neg",)
@@ -255,7 +256,9 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig, de
     elif config.objective == "positives_only":
         value = losses.positives_only_loss(phi_pos, pos_mask)
     elif config.objective == "negatives_only":
-        value = losses.negatives_only_loss(phi_neg, neg_mask)
+        unlikelihood = losses.token_unlikelihood(stats.token_nll, tokens.target_mask)
+        value = losses.negatives_only_loss(torch.cat([to_slots(unlikelihood, batch, r)[0] for r in negative_roles], 1),
+                                           neg_mask)
     elif config.objective == "simpo":
         value = losses.simpo_loss(-phi_pos, -phi_neg, pos_mask, neg_mask, config.simpo_beta, config.simpo_gamma)
     else:  # dpo: sequence log-probs under the policy and under the frozen base (adapter disabled)

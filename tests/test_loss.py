@@ -9,7 +9,7 @@ import torch
 
 from cpwb.errors import ConfigError
 from cpwb.loss import (LOSS_NAMES, CPLossConfig, cp_loss, dpo_loss, negatives_only_loss, positives_only_loss,
-                       reference_cp_loss, simpo_loss)
+                       reference_cp_loss, simpo_loss, token_unlikelihood)
 
 NO_ANCHOR = dict(anchor_weight=0.0)
 
@@ -226,17 +226,26 @@ def test_positives_only_is_mean_phi() -> None:
     assert loss.item() == pytest.approx(2.0) and phi_pos.grad.tolist() == [[0.25, 0.25], [0.5, 0.0]]
 
 
-def test_negatives_only_is_sequence_unlikelihood() -> None:
-    _, _, phi_neg, neg_mask = batch([[0.0]], [[0.5, 2.0, 50.0, 0.0]], pad=float("nan"))
-    neg_mask[0, 3] = False
-    loss = negatives_only_loss(phi_neg, neg_mask)
+def test_token_unlikelihood_pushes_likely_tokens_up_hardest_and_ignores_unscored_ones() -> None:
+    token_nll = torch.tensor([[0.0, 0.5, 2.0, 6.0], [0.0, 1e-9, 0.0, 0.0]], requires_grad=True)
+    token_mask = torch.tensor([[False, True, True, True], [False, True, False, False]])
+    per_text = token_unlikelihood(token_nll, token_mask)
+    expected = -sum(math.log(1 - math.exp(-x)) for x in (0.5, 2.0, 6.0)) / 3
+    assert per_text[0].item() == pytest.approx(expected, abs=1e-6) and math.isfinite(per_text[1].item())
+    per_text.sum().backward()
+    grad = token_nll.grad[0]
+    assert grad[0] == 0 and (grad[1:] < 0).all()  # descent raises every scored token's NLL
+    assert -grad[1] / -grad[3] == pytest.approx((math.exp(-0.5) / (1 - math.exp(-0.5))) /
+                                                (math.exp(-6.0) / (1 - math.exp(-6.0))), rel=1e-4)
+    assert torch.isfinite(token_nll.grad).all() and token_nll.grad[1, 1] == 0  # clamped below min_nll
+
+
+def test_negatives_only_is_the_anchor_mean_of_per_text_unlikelihood() -> None:
+    _, _, values, neg_mask = batch([[0.0], [0.0]], [[1.0, 3.0], [2.0]], pad=float("nan"))
+    loss = negatives_only_loss(values, neg_mask)
     loss.backward()
-    expected = -sum(math.log(1 - math.exp(-x)) for x in (0.5, 2.0, 50.0)) / 3
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
-    assert (phi_neg.grad[0, :3] <= 0).all() and phi_neg.grad[0, 0] < 0 and phi_neg.grad[0, 3] == 0
-    tiny = torch.tensor([[0.0, 1e-9]], requires_grad=True)
-    negatives_only_loss(tiny, torch.ones(1, 2, dtype=torch.bool)).backward()
-    assert torch.isfinite(tiny.grad).all()
+    assert loss.item() == pytest.approx((2.0 + 2.0) / 2)
+    assert values.grad.tolist() == [[0.25, 0.25], [0.5, 0.0]]
 
 
 def test_dpo_hand_example_and_gradient_signs() -> None:
