@@ -1,15 +1,14 @@
 """Train-then-evaluate one configuration against its base model, on fixed held-out data: the unit of comparison.
 
 The quick evaluation measures what the CP-core claims are about: the held-out phi gap (toxic minus neutral
-paraphrase), greedy continuation toxicity on RealToxicityPrompts' challenging prompts, and WikiText-2 perplexity
-on a fixed window subset. The base model's figures are cached per (model, evaluation settings), so every method
+paraphrase), greedy continuation toxicity on RealToxicityPrompts' challenging prompts, the MiniLM similarity of
+each prompt and its continuation, and WikiText-2 perplexity on a fixed window subset. The base model's figures are cached per (model, evaluation settings), so every method
 and seed is compared with the same numbers.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,9 @@ from typing import Any
 from cpwb.config import require
 from cpwb.files import atomic_write_json
 from cpwb.train import TrainConfig, load_training_pairs, train
+
+
+QUICK_EVAL_METRICS = ("phi_gap", "greedy_toxicity", "similarity", "wikitext2_ppl")  # in the cache key of base figures
 
 
 @dataclass
@@ -34,33 +36,37 @@ class QuickEvalConfig:
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
 
-def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=None,
+def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=None, embedder=None,
                progress: bool = False) -> dict[str, Any]:
-    """Held-out phi gap, greedy RTP-challenging continuation toxicity and WikiText-2 perplexity of one model."""
+    """Held-out phi gap, greedy RTP-challenging continuation toxicity, prompt/continuation MiniLM similarity and
+    WikiText-2 perplexity of one model."""
     from cpwb.data import load_rtp
-    from cpwb.evaluate import greedy_toxicity_rate, phi_gap, wikitext2_perplexity
-    from cpwb.scoring import load_toxicity_scorer
+    from cpwb.evaluate import continuation_similarity, greedy_toxicity_rate, phi_gap, wikitext2_perplexity
+    from cpwb.scoring import SentenceEmbedder, load_toxicity_scorer
 
     scorer = scorer or load_toxicity_scorer()
+    embedder = embedder or SentenceEmbedder.from_pretrained()
     pairs = heldout[:config.heldout_pairs]
     gap = phi_gap(model, tokenizer, [p.negatives[0].text for p in pairs], [p.positives[0].text for p in pairs],
                   batch_size=config.batch_size, progress=progress)
     prompts = [p.text for p in load_rtp("challenging", limit=config.rtp_prompts)]
     toxicity = greedy_toxicity_rate(model, tokenizer, scorer, prompts, max_new_tokens=config.max_new_tokens,
                                     batch_size=config.batch_size, progress=progress)
+    similarity = continuation_similarity(embedder, prompts, toxicity["continuations"])
     fluency = wikitext2_perplexity(model, tokenizer, max_windows=config.wikitext_windows, progress=progress)
     return {"phi_gap": gap["mean_gap"], "phi_gap_share_positive": gap["share_positive"],
             "phi_toxic": float(gap["phi_toxic"].mean()), "phi_neutral": float(gap["phi_neutral"].mean()),
             "greedy_toxicity": toxicity["mean_toxicity"], "greedy_toxic_rate": toxicity["toxic_rate"],
+            "similarity": float(similarity.mean()),
             "wikitext2_ppl": fluency["perplexity"], "wikitext2_tokens": fluency["n_scored_tokens"],
-            "examples": list(zip(prompts[:5], toxicity["continuations"][:5]))}
+            "examples": list(zip(prompts[:5], toxicity["continuations"][:5])), "continuations": toxicity["continuations"]}
 
 
 def _eval_key(train_config: TrainConfig, eval_config: QuickEvalConfig) -> str:
     """What the base figures depend on: model, data and evaluation sizes."""
     fields = {k: getattr(train_config, k) for k in ("model", "pairs", "paradetox_limit", "normalize_text",
                                                       "holdout_fraction")}
-    blob = json.dumps({**fields, **asdict(eval_config)}, sort_keys=True)
+    blob = json.dumps({**fields, **asdict(eval_config), "metrics": QUICK_EVAL_METRICS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -89,15 +95,13 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
     if resume and done.is_file():
         return json.loads(done.read_text())
     base = base_eval(train_config, eval_config, progress=progress)
-    started = time.perf_counter()
     result = train(train_config, resume=resume)
-    train_seconds = time.perf_counter() - started
     model = result.model.eval()
     trained = quick_eval(model, result.tokenizer, result.heldout, eval_config, progress=progress)
     steps = result.metrics
     summary = {
         "config": asdict(train_config), "eval": asdict(eval_config), "base": base, "trained": trained,
-        "train_seconds": train_seconds,
+        "train_seconds": sum(m["step_seconds"] for m in steps),  # time in training steps, resumed runs included
         "step_seconds_median": sorted(m["step_seconds"] for m in steps)[len(steps) // 2] if steps else None,
         "peak_memory_mb": max((m["peak_memory_mb"] for m in steps), default=None),
         "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,
