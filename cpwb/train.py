@@ -542,12 +542,12 @@ def load_adapter(adapter_dir: str | Path, model: str = "default", device: str = 
 
 
 def _require_same_settings(saved: Path, config: TrainConfig) -> None:
-    """Refuse to resume a run folder that was started with other settings."""
+    """Refuse to resume a run folder that was started with other settings (a moved or copied folder is fine)."""
     import yaml
 
     before = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
     now = to_dict(config)
-    changed = sorted(k for k in now if k != "progress" and before.get(k) != now[k])
+    changed = sorted(k for k in now if k not in ("progress", "output_dir") and before.get(k) != now[k])
     if changed:
         raise ConfigError(f"{saved.parent} holds a run with other settings ({', '.join(changed)}); resume it with "
                           "the same settings, or use another output_dir", field="output_dir")

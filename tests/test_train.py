@@ -142,10 +142,13 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny
     assert not (tmp_path / "adapter").exists()
 
 
-def test_resume_refuses_a_folder_started_with_other_settings(tiny_setup, tmp_path):
-    train(tiny_config(tiny_setup, tmp_path), stop_after=2)
+def test_resume_refuses_a_folder_started_with_other_settings_but_not_a_moved_one(tiny_setup, tmp_path):
+    train(tiny_config(tiny_setup, tmp_path / "run"), stop_after=2)
     with pytest.raises(ConfigError, match="other settings.*tau"):
-        train(tiny_config(tiny_setup, tmp_path, tau=0.1), resume=True)
+        train(tiny_config(tiny_setup, tmp_path / "run", tau=0.1), resume=True)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    result = train(tiny_config(tiny_setup, tmp_path / "moved"), resume=True)
+    assert [m["step"] for m in result.metrics] == list(range(1, len(result.metrics) + 1)) and len(result.metrics) > 2
 
 
 @pytest.mark.parametrize("kl_data", ["positives", "general"])
