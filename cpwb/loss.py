@@ -241,9 +241,9 @@ def token_unlikelihood(token_nll: Tensor, token_mask: Tensor, min_nll: float = 1
     log(-expm1(-nll)) with nll clamped at `min_nll` (about 13.8 and no gradient below it); NaN without tokens.
     """
     _check_number("min_nll", min_nll, 0.0, strict_low=True)
-    values = -torch.log(-torch.expm1(-token_nll.float().clamp(min=min_nll)))
-    mask = token_mask.to(values.dtype)
-    return (values * mask).sum(-1) / mask.sum(-1)
+    safe = torch.where(token_mask, token_nll.float(), 1.0).clamp(min=min_nll)  # unscored slots may hold anything
+    values = torch.where(token_mask, -torch.log(-torch.expm1(-safe)), 0.0)
+    return values.sum(-1) / token_mask.sum(-1)
 
 
 def negatives_only_loss(unlikelihood_neg: Tensor, neg_mask: Tensor) -> Tensor:

@@ -241,7 +241,7 @@ ATOMIC_EXCEPTIONS = {
     ("toxicity_lstm", "convert"): "a cached_conversion build: writes into its temporary folder",
     ("toxicity_lstm", "KerasTokenizer.save"): "called only by convert, into cached_conversion's temporary folder",
     ("embed", "_save"): "np.save into an in-memory buffer, then atomic_write_bytes",
-    ("sweep", "execute_notebook"): "papermill writes the executed copy cell by cell on purpose (a failed or killed "
+    ("runner", "execute_notebook"): "papermill writes the executed copy cell by cell on purpose (a failed or killed "
                                    "notebook's partial output is kept); run.json, written atomically, is what "
                                    "marks a notebook completed",
 }

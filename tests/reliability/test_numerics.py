@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cpwb.config import from_dict
 from cpwb.loss import (CPLossConfig, cp_loss, dpo_loss, negatives_only_loss, positives_only_loss, reference_cp_loss,
-                       simpo_loss)
+                       simpo_loss, token_unlikelihood)
 from cpwb.nll import encode, sequence_nll
 from cpwb.train import NonFiniteLossError, TrainConfig, latest_checkpoint, train
 from tests.reliability.jobs import train_settings
@@ -93,10 +93,11 @@ def test_likelihood_ablations_are_finite_and_correctly_signed(dtype):
     value = positives_only_loss(phi, mask)
     value.backward()
     assert torch.isfinite(value) and value >= 0 and (finite_grad(phi, mask)[mask] > 0).all()
-    phi, mask = ragged(positive_sets(), dtype)
-    value = negatives_only_loss(phi, mask)
+    token_nll, mask = ragged(positive_sets(), dtype)  # each anchor's values as the token NLLs of one negative
+    per_text = token_unlikelihood(token_nll, mask)
+    value = negatives_only_loss(per_text[:, None], torch.ones(len(per_text), 1, dtype=torch.bool))
     value.backward()
-    assert torch.isfinite(value) and value >= 0 and (finite_grad(phi, mask)[mask] <= 0).all()
+    assert torch.isfinite(value) and value >= 0 and (finite_grad(token_nll, mask)[mask] <= 0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
