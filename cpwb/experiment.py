@@ -2,8 +2,8 @@
 
 The quick evaluation measures what the CP-core claims are about: the held-out phi gap (toxic minus neutral
 paraphrase), greedy continuation toxicity on RealToxicityPrompts' challenging prompts, the MiniLM similarity of
-each prompt and its continuation, and WikiText-2 perplexity on a fixed window subset. The base model's figures are cached per (model, evaluation settings), so every method
-and seed is compared with the same numbers.
+each prompt and its continuation, and WikiText-2 perplexity on a fixed window subset. The base model's figures
+are cached per (model, evaluation settings), so every method and seed is compared with the same numbers.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=
             "greedy_toxicity": toxicity["mean_toxicity"], "greedy_toxic_rate": toxicity["toxic_rate"],
             "similarity": float(similarity.mean()),
             "wikitext2_ppl": fluency["perplexity"], "wikitext2_tokens": fluency["n_scored_tokens"],
-            "examples": list(zip(prompts[:5], toxicity["continuations"][:5])), "continuations": toxicity["continuations"]}
+            "examples": list(zip(prompts[:5], toxicity["continuations"][:5])),
+            "continuations": toxicity["continuations"]}
 
 
 def _eval_key(train_config: TrainConfig, eval_config: QuickEvalConfig) -> str:

@@ -37,7 +37,8 @@ DESIGN_COLUMNS = ("objective", "negatives", "max_positives", "max_negatives", "r
                   "prototype", "normalize_text", "kl_weight", "anchor_weight", "lr", "steps")
 METRIC_ORDER = ("greedy_toxicity", "base_greedy_toxicity", "toxicity_change", "greedy_toxic_rate",
                 "base_greedy_toxic_rate", "wikitext2_ppl", "base_wikitext2_ppl", "ppl_change", "phi_gap",
-                "base_phi_gap", "phi_gap_share_positive", "base_phi_gap_share_positive", "train_seconds",
+                "base_phi_gap", "phi_gap_share_positive", "base_phi_gap_share_positive", "similarity",
+                "base_similarity", "train_seconds",
                 "step_seconds_median", "peak_memory_mb")
 
 
@@ -273,7 +274,7 @@ def run_point(grid: Grid, point: Point, point_dir: Path, columns: list[str], ker
 
 def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: bool = True,
              only: str | list[str] | None = None, kernel: str = "python3", jobs: int = 1) -> Path:
-    """Run the grid's points (those whose id contains any pattern of `only`) into `<output_root>/<name>/`; returns results.csv.
+    """Run the grid's points (ids containing any pattern of `only`) into `<output_root>/<name>/`; returns results.csv.
 
     A relative `output_root` is taken from the repository root, and points run there, as with `cpwb run`.
     results.csv lists every point of the grid: completed, failed or pending. `jobs` points run at once, each in
