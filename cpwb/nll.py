@@ -33,6 +33,13 @@ class TokenBatch:
         """The same batch on another device."""
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
 
+    def select(self, rows: torch.Tensor) -> TokenBatch:
+        """The rows where the bool mask `rows` is True, columns that are padding in all of them dropped."""
+        mask = self.attention_mask[rows]
+        real = mask.any(0).nonzero().flatten()
+        span = slice(int(real[0]), int(real[-1]) + 1) if len(real) else slice(0, 0)
+        return TokenBatch(self.input_ids[rows][:, span], mask[:, span], self.target_mask[rows][:, span])
+
 
 @dataclass
 class SequenceNLL:
@@ -181,15 +188,18 @@ def sequence_nll(model, batch: TokenBatch, return_token_nll: bool = False, keep_
     return SequenceNLL(nll_sum, n_tokens, token_nll, states if keep_states else None, rows)
 
 
-def sequence_kl(model, stats: SequenceNLL, base_states: torch.Tensor,
+def sequence_kl(model, stats: SequenceNLL, base_states: torch.Tensor, rows: torch.Tensor | None = None,
                 chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS) -> torch.Tensor:
     """Per-sequence mean token KL(base || model), from states kept by `sequence_nll(keep_states=True)`.
 
-    `base_states` are `scored_states` of the same batch under the frozen base (e.g. a peft adapter disabled).
+    `base_states` are `scored_states` of the same batch under the frozen base (e.g. a peft adapter disabled), or
+    of `batch.select(rows)` when the bool mask `rows` restricts the KL to those sequences (the others get 0): the
+    full-vocabulary logits are then computed for their tokens only.
     """
     _, head, softcap = decoder_and_head(model)
-    token_kl = _over_chunks(_chunk_kl, head, stats.states, base_states, softcap, chunk_logit_elements)
-    kl_sum = torch.zeros_like(stats.nll_sum).index_add(0, stats.rows, token_kl)
+    keep = torch.ones_like(stats.rows, dtype=torch.bool) if rows is None else rows[stats.rows]
+    token_kl = _over_chunks(_chunk_kl, head, stats.states[keep], base_states, softcap, chunk_logit_elements)
+    kl_sum = torch.zeros_like(stats.nll_sum).index_add(0, stats.rows[keep], token_kl)
     return kl_sum / stats.n_tokens
 
 

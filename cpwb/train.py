@@ -277,10 +277,13 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig, de
 
 
 def base_kl(model, tokens: TokenBatch, stats: SequenceNLL, rows: torch.Tensor, packed: bool = False) -> torch.Tensor:
-    """Mean over the selected texts of their mean token KL(frozen base || model): the base is the adapter disabled."""
+    """Mean over the selected texts of their mean token KL(frozen base || model): the base is the adapter disabled.
+
+    The base runs on the selected texts only, and the KL's full-vocabulary logits are computed for their tokens only.
+    """
     with torch.no_grad(), model.disable_adapter():
-        base_states, _, _ = scored_states(model, tokens, packed=packed)
-    return sequence_kl(model, stats, base_states)[rows].mean()
+        base_states, _, _ = scored_states(model, tokens.select(rows), packed=packed)
+    return sequence_kl(model, stats, base_states, rows)[rows].mean()
 
 
 def _logp_slots(stats: SequenceNLL, batch: AnchorBatch, negative_roles: tuple[str, ...]

@@ -125,3 +125,35 @@ def test_sequence_kl_matches_a_naive_full_logits_kl(fresh_tiny_lm):
     naive = (token_kl * mask).sum(-1) / mask.sum(-1)
     torch.testing.assert_close(ours.double(), naive, rtol=1e-4, atol=1e-6)
     assert (ours > 0).all()
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+def test_kl_on_selected_rows_matches_the_full_batch_kl(fresh_tiny_lm, layout):
+    """The training KL runs the base on the selected texts only; their values equal the whole-batch computation."""
+    from cpwb.nll import scored_states, sequence_kl
+
+    model, tokenizer = fresh_tiny_lm
+    batch = encode(tokenizer, TEXTS, padding_side="left" if layout == "left" else "right")
+    rows = torch.tensor([False, True, False, True, True])
+    packed = layout == "packed"
+    with torch.no_grad():
+        full_base, _, _ = scored_states(model, batch, packed=packed)
+        subset_base, _, _ = scored_states(model, batch.select(rows), packed=packed)
+        for p in model.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        stats = sequence_nll(model, batch, keep_states=True, packed=packed)
+        full = sequence_kl(model, stats, full_base)
+        subset = sequence_kl(model, stats, subset_base, rows)
+    torch.testing.assert_close(subset[rows], full[rows], rtol=1e-4, atol=1e-7)
+    assert (subset[~rows] == 0).all() and (full[~rows] > 0).all()
+
+
+def test_select_drops_columns_that_are_padding_in_every_kept_row(tiny_lm):
+    _, tokenizer = tiny_lm
+    for side in ("right", "left"):
+        batch = encode(tokenizer, TEXTS, padding_side=side)
+        picked = batch.select(torch.tensor([True, True, False, False, False]))
+        alone = encode(tokenizer, TEXTS[:2], padding_side=side)
+        assert torch.equal(picked.input_ids[picked.attention_mask.bool()], alone.input_ids[alone.attention_mask.bool()])
+        assert picked.attention_mask.shape == alone.attention_mask.shape
+        assert torch.equal(picked.target_mask, alone.target_mask)
