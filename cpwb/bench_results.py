@@ -10,6 +10,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,15 +39,28 @@ def device_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def git_commit() -> str:
+    """The checkout's commit (with `+dirty` when tracked files changed), or "" outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + ("+dirty" if dirty else "")
+
+
 def versions() -> dict[str, str]:
-    """Versions of what the numbers depend on."""
+    """Versions of what the numbers depend on, the code's git commit included."""
     import torch
     import transformers
 
     import cpwb
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpwb": cpwb.__version__}
+            "transformers": transformers.__version__, "cpwb": cpwb.__version__, "git": git_commit()}
 
 
 def append_result(benchmark: str, config: Mapping[str, Any], metric: str, unit: str, values: Sequence[float],

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cpwb.bench_results import device_name, versions
 from cpwb.config import require
 from cpwb.files import atomic_write_json
 from cpwb.train import TrainConfig, load_training_pairs, train
@@ -107,6 +108,7 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
         "peak_memory_mb": max((m["peak_memory_mb"] for m in steps), default=None),
         "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,
         "ppl_change": trained["wikitext2_ppl"] / base["wikitext2_ppl"] - 1,
+        "device": device_name(), "versions": versions(),  # where and with which code (git commit) it ran
     }
     atomic_write_json(done, summary)
     return summary

@@ -220,11 +220,13 @@ def result_row(point: Point, point_dir: Path, columns: list[str], status: str, e
     if status == "completed":
         result = json.loads((point_dir / "result.json").read_text())
         metrics = {**_scalars({k: v for k, v in result.items() if k not in ("base", "trained")}),
-                   **_scalars(result.get("trained", {})), **_scalars(result.get("base", {}), "base_")}
+                   **_scalars(result.get("trained", {})), **_scalars(result.get("base", {}), "base_"),
+                   **_scalars(result.get("versions", {}), "version_")}
         row |= {k: metrics[k] for k in METRIC_ORDER if k in metrics}
         row |= {k: metrics[k] for k in sorted(metrics) if k not in row}
-    adapter = point_dir / "adapter"
-    return row | {"adapter_dir": str(adapter) if status == "completed" and adapter.is_dir() else "", "error": error}
+    adapter = point_dir / "adapter"  # recorded relative to results.csv, so a moved or committed sweep keeps it
+    return row | {"adapter_dir": str(adapter.relative_to(point_dir.parent)) if status == "completed"
+                  and adapter.is_dir() else "", "error": error}
 
 
 def recorded_row(point: Point, point_dir: Path, columns: list[str]) -> dict[str, Any] | None:

@@ -62,3 +62,13 @@ def test_results_figure_plots_the_latest_row_per_config(tiny_shape, tmp_path):
     append_result("train_step", {"path": "naive"}, "real_tokens_per_s", "tokens/s", [0.5], path=out)
     bars = results_figure(out).data[0]
     assert sorted(bars.x) == [0.5, 2.0]
+
+
+def test_versions_name_the_code_commit(tmp_path, monkeypatch):
+    import re
+
+    from cpwb import bench_results
+
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", bench_results.versions()["git"])  # tests run in a git checkout
+    monkeypatch.setattr(bench_results.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert bench_results.git_commit() == ""

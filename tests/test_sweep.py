@@ -33,7 +33,7 @@ toxicity = {"cp": 0.2, "dpo": 0.3}.get(objective, 0.25) + 0.01 * seed
     "eval": {"heldout_pairs": heldout_pairs},
     "base": {"greedy_toxicity": 0.26, "wikitext2_ppl": 28.0, "phi_gap": -0.2, "examples": [["a", "b"]]},
     "trained": {"greedy_toxicity": toxicity, "wikitext2_ppl": 29.0 + steps, "phi_gap": 0.1},
-    "train_seconds": 1.5, "toxicity_change": toxicity / 0.26 - 1}))
+    "train_seconds": 1.5, "toxicity_change": toxicity / 0.26 - 1, "versions": {"git": "0123abcd"}}))
 """
 
 
@@ -164,7 +164,8 @@ def test_failing_point_is_recorded_sweep_goes_on_and_rerun_skips_completed_point
     done = table[table.point == "objective=dpo__seed=1"].iloc[0]
     assert done.greedy_toxicity == pytest.approx(0.31) and done.base_greedy_toxicity == 0.26
     assert done.wikitext2_ppl == 32.0 and done.train_seconds == 1.5 and done.objective == "dpo" and done.seed == 1
-    assert done.adapter_dir == str(tmp_path / "sweeps" / "g" / done.point / "adapter")
+    assert done.adapter_dir == f"{done.point}/adapter"  # relative to results.csv
+    assert done.version_git == "0123abcd"
     assert {"phi_gap", "base_phi_gap", "toxicity_change", "varied", "variant"} <= set(table.columns)
     assert "base_examples" not in table.columns and list(table.columns)[-2:] == ["adapter_dir", "error"]
     assert not list((tmp_path / "sweeps" / "g").glob(".*tmp"))
