@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,14 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
     base = base_eval(train_config, eval_config, progress=progress)
     result = train(train_config, resume=resume)
     model = result.model.eval()
+    started = time.perf_counter()
     trained = quick_eval(model, result.tokenizer, result.heldout, eval_config, progress=progress)
+    evaluate_seconds = time.perf_counter() - started
     steps = result.metrics
     summary = {
         "config": asdict(train_config), "eval": asdict(eval_config), "base": base, "trained": trained,
         "train_seconds": sum(m["step_seconds"] for m in steps),  # time in training steps, resumed runs included
+        "evaluate_seconds": evaluate_seconds,  # the trained model's quick evaluation
         "step_seconds_median": sorted(m["step_seconds"] for m in steps)[len(steps) // 2] if steps else None,
         "peak_memory_mb": max((m["peak_memory_mb"] for m in steps), default=None),
         "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,

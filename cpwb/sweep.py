@@ -15,7 +15,6 @@ import itertools
 import json
 import re
 import sys
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ DESIGN_COLUMNS = ("objective", "negatives", "max_positives", "max_negatives", "r
 METRIC_ORDER = ("greedy_toxicity", "base_greedy_toxicity", "toxicity_change", "greedy_toxic_rate",
                 "base_greedy_toxic_rate", "wikitext2_ppl", "base_wikitext2_ppl", "ppl_change", "phi_gap",
                 "base_phi_gap", "phi_gap_share_positive", "base_phi_gap_share_positive", "similarity",
-                "base_similarity", "train_seconds",
+                "base_similarity", "train_seconds", "evaluate_seconds",
                 "step_seconds_median", "peak_memory_mb")
 
 
@@ -263,7 +262,6 @@ def run_point(grid: Grid, point: Point, point_dir: Path, columns: list[str], ker
     if recorded is not None:
         return recorded
     point_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     try:
         execute_notebook(grid.notebook_path, point_dir / grid.notebook_path.name,
                          {**point.parameters, "output_dir": str(point_dir)}, cwd=REPO_ROOT, kernel=kernel)
@@ -271,7 +269,7 @@ def run_point(grid: Grid, point: Point, point_dir: Path, columns: list[str], ker
         return result_row(point, point_dir, columns, "failed", _error_line(err))
     if not (point_dir / "result.json").is_file():
         return result_row(point, point_dir, columns, "failed", "the notebook finished without writing result.json")
-    return result_row(point, point_dir, columns, "completed") | {"point_seconds": time.time() - started}
+    return result_row(point, point_dir, columns, "completed")
 
 
 def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: bool = True,
