@@ -39,13 +39,16 @@ def device_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+CODE_PATHS = ("cpwb", "configs", "notebooks", "pyproject.toml")  # what results depend on (not docs, not outputs)
+
+
 def git_commit() -> str:
-    """The checkout's commit (with `+dirty` when tracked files changed), or "" outside a git checkout."""
+    """The checkout's commit, `+dirty` when its code, configs or notebooks differ from it; "" outside a checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
