@@ -97,6 +97,7 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
     done = run_dir / "result.json"
     if resume and done.is_file():
         return json.loads(done.read_text())
+    code = versions()  # taken before training: the checkout may change while a long point runs
     base = base_eval(train_config, eval_config, progress=progress)
     result = train(train_config, resume=resume)
     model = result.model.eval()
@@ -112,7 +113,7 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
         "peak_memory_mb": max((m["peak_memory_mb"] for m in steps), default=None),
         "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,
         "ppl_change": trained["wikitext2_ppl"] / base["wikitext2_ppl"] - 1,
-        "device": device_name(), "versions": versions(),  # where and with which code (git commit) it ran
+        "device": device_name(), "versions": code,  # where and with which code (git commit) it ran
     }
     atomic_write_json(done, summary)
     return summary
