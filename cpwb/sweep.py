@@ -5,7 +5,7 @@ A grid file names a base configuration and variations around it (a list of point
 TrainConfig and QuickEvalConfig before anything runs. Each point is executed with papermill into
 `<output_root>/<name>/<point-id>/`; a point whose result.json is there is skipped on re-run, a failing point is
 recorded with its error and the sweep goes on, and results.csv (one row per point) is rewritten atomically after
-every point.
+every point, taking in the points that another sweep of the same grid has finished meanwhile.
 """
 from __future__ import annotations
 
@@ -240,6 +240,15 @@ def recorded_row(point: Point, point_dir: Path, columns: list[str]) -> dict[str,
     return result_row(point, point_dir, columns, "completed")
 
 
+def _pick_up_recorded(rows: dict[str, dict[str, Any]], points: list[Point], folder: Path, columns: list[str]
+                      ) -> None:
+    """Replace pending rows whose point has a result.json by now, so that a sweep run beside this one on the same
+    grid (another process or machine) does not have its finished points written back as pending."""
+    for point in points:
+        if rows[point.id]["status"] == "pending":
+            rows[point.id] = recorded_row(point, folder / point.id, columns) or rows[point.id]
+
+
 def write_results(path: Path, rows: list[dict[str, Any]]) -> Path:
     """results.csv, atomically: the columns are the union over rows in first-seen order, adapter_dir and error last."""
     import pandas as pd
@@ -308,6 +317,7 @@ def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: b
             for future in done:  # results.csv is written here only, by this one thread
                 point = running.pop(future)
                 rows[point.id] = future.result()
+                _pick_up_recorded(rows, points, folder, columns)
                 write_results(results, list(rows.values()))
                 bar.set_postfix_str(point.id)
                 bar.update()

@@ -193,6 +193,23 @@ def test_parallel_jobs_run_every_point_once_into_the_same_results(tmp_path):
 
 
 @pytest.mark.notebook
+def test_points_finished_by_a_sweep_beside_this_one_are_not_written_back_as_pending(tmp_path, monkeypatch):
+    notebook = str(_fake_notebook(tmp_path))
+    grid = Grid(name="g", notebook=notebook, base={"steps": 3}, one_at_a_time={"objective": ["dpo"]})
+    real_execute = sweep_module.execute_notebook
+
+    def execute_after_the_other_sweep(*args, **kwargs):  # the other sweep runs the dpo point while base runs here
+        monkeypatch.setattr(sweep_module, "execute_notebook", real_execute)
+        run_grid(grid, tmp_path / "sweeps", progress=False, only="dpo")
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "execute_notebook", execute_after_the_other_sweep)
+    table = pd.read_csv(run_grid(grid, tmp_path / "sweeps", progress=False, only="base"))
+    assert list(table.status) == ["completed", "completed"]
+    assert sorted(_executions(tmp_path / "sweeps")) == ["base__seed=0", "objective=dpo__seed=0"]
+
+
+@pytest.mark.notebook
 def test_result_of_other_settings_is_not_reused_and_only_runs_the_chosen_points(tmp_path):
     notebook = str(_fake_notebook(tmp_path))
     run_grid(Grid(name="g", notebook=notebook, base={"steps": 3}), tmp_path / "sweeps", progress=False)
