@@ -302,8 +302,8 @@ def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: b
                                              "points": [dataclasses.asdict(p) for p in points]})
     varied = [k for p in points for k in p.varied]
     columns = [c for c in dict.fromkeys(varied + list(DESIGN_COLUMNS)) if any(c in p.parameters for p in points)]
-    rows = {p.id: recorded_row(p, folder / p.id, columns) or result_row(p, folder / p.id, columns, "pending")
-            for p in points}
+    rows = {p.id: result_row(p, folder / p.id, columns, "pending") for p in points}
+    _pick_up_recorded(rows, points, folder, columns)
     results = write_results(folder / "results.csv", list(rows.values()))
     waiting = select(points, only)[::-1]
     running: dict[Future, Point] = {}
