@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from cpwb.errors import CpwbError
@@ -28,11 +29,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = from_dict(RunConfig, extra)
     config.parameters = {**config.parameters, **_overrides(args.param)}
-    run_dir, results = run_notebooks(config)
-    for r in results:
-        print(f"{r.status:>9}  {r.notebook}  ({r.seconds:.0f} s)")
+    config.progress = not args.quiet
+    started = time.time()
+    run_dir, results = run_notebooks(config, say=lambda line: print(line, flush=True))
     raise_on_failure(results)
-    print(f"results: {run_dir}")
+    report = run_dir / "report.html"
+    print(f"run folder: {run_dir}" + (f"\nreport: {report}" if report.is_file() else "")
+          + f"\ntotal: {time.time() - started:.0f} s")
     return 0
 
 
@@ -120,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                      help="notebook parameter, value read as YAML (repeatable)")
     run.add_argument("--force", action="store_true", help="re-execute notebooks already completed")
+    run.add_argument("--quiet", action="store_true", help="no progress bar over each notebook's cells")
     run.set_defaults(func=cmd_run)
 
     assets = sub.add_parser("assets", help="list the embedded default assets with license and checksum")

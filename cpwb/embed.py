@@ -64,6 +64,20 @@ def pair_texts(records: Sequence[PairRecord], n_pairs: int | None = None, positi
     return pd.DataFrame(rows)
 
 
+MIN_PAIRS = 10  # fewest pairs for a UMAP map and a 5-fold probe with whole pairs held out
+
+
+def too_few_pairs(texts: pd.DataFrame, folds: int = 5) -> str | None:
+    """One line saying why these texts (from `pair_texts`) are too few to map and probe, or None when enough."""
+    pairs = texts.pair_id.nunique() if len(texts) else 0
+    per_class = texts.label.value_counts() if len(texts) else pd.Series(dtype=int)
+    if pairs >= MIN_PAIRS and len(per_class) == 2 and per_class.min() >= folds:
+        return None
+    counts = ", ".join(f"{n} {label}" for label, n in per_class.items()) or "no texts"
+    return (f"only {pairs} pairs ({counts}): too few for a UMAP map and a {folds}-fold probe "
+            f"(at least {MIN_PAIRS} pairs are needed)")
+
+
 def texts_hash(texts: Sequence[str]) -> str:
     """SHA-256 of an ordered list of texts (part of every cache key)."""
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -417,12 +431,14 @@ def adapter_run(adapter: str, run_dir: str | Path, model: str = "default", steps
     """The adapter to compare with its base: `adapter` if given, else notebook 02's in `run_dir`, else train one.
 
     The short fallback run (`steps`, `lr`, `seed`, ParaDetox pairs) goes to `run_dir/train-04` and resumes there.
-    Base model and held-out pairs come from the adapter's run config (config.yaml beside it) when there is one,
-    else `model` and ParaDetox's held-out split (also used when the adapter's pairs file is too small to hold any
-    pair out).
+    The base model comes from the adapter's run config (config.yaml beside it) when there is one, else `model`.
+    The held-out pairs are always the canonical held-out ParaDetox pairs, which no cpwb adapter trains on, so
+    the picture does not depend on how many pairs notebook 01 happened to keep.
     """
-    from cpwb.config import load_yaml_config
-    from cpwb.train import TrainConfig, load_training_pairs, train
+    import yaml
+
+    from cpwb.pairs import paradetox_heldout
+    from cpwb.train import TrainConfig, train
 
     adapter_dir = Path(adapter) if adapter else Path(run_dir) / "train" / "adapter"
     if adapter and not (adapter_dir / "adapter_config.json").is_file():
@@ -431,8 +447,6 @@ def adapter_run(adapter: str, run_dir: str | Path, model: str = "default", steps
         config = TrainConfig(model=model, steps=steps, lr=lr, seed=seed, output_dir=str(Path(run_dir) / "train-04"))
         adapter_dir = train(config, resume=True).adapter_dir
     saved = adapter_dir.parent / "config.yaml"
-    config = load_yaml_config(TrainConfig, saved) if saved.is_file() else TrainConfig(model=model)
-    heldout = load_training_pairs(config)[1]
-    if not heldout:  # a pairs file too small to hold any out: ParaDetox's held-out split instead
-        heldout = load_training_pairs(TrainConfig(model=config.model))[1]
-    return AdapterRun(adapter_dir, config.model, heldout)
+    base_model = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model", model) if saved.is_file() \
+        else model
+    return AdapterRun(adapter_dir, base_model, paradetox_heldout())

@@ -180,11 +180,11 @@ def token_stream(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def strided_nll(model, ids: Sequence[int], windows: Sequence[tuple[int, int, int]], batch_size: int = 4,
-                pad_id: int = 0, progress: bool = False) -> tuple[float, int]:
-    """Total NLL and number of scored tokens of a token stream over the given `strided_windows`, batched."""
+                pad_id: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """NLL sum and number of scored tokens of each of the given `strided_windows` of a token stream, batched."""
     device = next(model.parameters()).device
     stream = torch.tensor(list(ids), dtype=torch.long)
-    nll_sum, n_scored = 0.0, 0
+    nll_sum, n_scored = np.zeros(len(windows)), np.zeros(len(windows), dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
@@ -199,8 +199,8 @@ def strided_nll(model, ids: Sequence[int], windows: Sequence[tuple[int, int, int
                 attention[row, :end - begin] = 1
                 target[row, first - begin:end - begin] = True
             out = sequence_nll(model, TokenBatch(input_ids, attention, target).to(device))
-            nll_sum += float(out.nll_sum.double().sum())
-            n_scored += int(out.n_tokens.sum())
+            nll_sum[start:start + len(group)] = out.nll_sum.double().cpu().numpy()
+            n_scored[start:start + len(group)] = out.n_tokens.long().cpu().numpy()
     finally:
         model.train(was_training)
     return nll_sum, n_scored
@@ -212,16 +212,20 @@ def wikitext2_perplexity(model, tokenizer, text: str | None = None, window: int 
     """Fluency: perplexity of the WikiText-2 test set (or `text`) by strided windows, exp(total NLL / tokens).
 
     The text is tokenised once (`token_stream`); `max_windows` scores only the first windows, a fast subset:
-    `n_scored_tokens` says how many of the `n_text_tokens` counted.
+    `n_scored_tokens` says how many of the `n_text_tokens` counted. `windows` holds each window's NLL sum and
+    scored tokens (for intervals over windows).
     """
     ids = token_stream(tokenizer, load_wikitext2_test() if text is None else text)
     windows = strided_windows(len(ids), window, stride)
     chosen = windows[:max_windows] if max_windows is not None else windows
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    nll_sum, n_scored = strided_nll(model, ids, chosen, batch_size, pad_id, progress)
+    window_nll, window_tokens = strided_nll(model, ids, chosen, batch_size, pad_id, progress)
+    nll_sum, n_scored = float(window_nll.sum()), int(window_tokens.sum())
     return {"perplexity": math.exp(nll_sum / n_scored), "nll_sum": nll_sum, "n_scored_tokens": n_scored,
             "n_text_tokens": len(ids) - 1, "n_windows": len(chosen), "n_windows_total": len(windows),
-            "window": window, "stride": stride}
+            "window": window, "stride": stride,
+            "windows": pd.DataFrame({"window": np.arange(len(chosen)), "begin": [w[0] for w in chosen],
+                                     "nll_sum": window_nll, "n_tokens": window_tokens})}
 
 
 def conditional_perplexity(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],

@@ -156,9 +156,9 @@ def _judge(ev: Evaluation, inputs: list[str], outputs: list[str], table: pd.Data
 
 def _phi_gap(ev: Evaluation) -> ProtocolOutput:
     """phi(toxic) - phi(neutral) on held-out ParaDetox pairs: > 0 means toxic text became the less likely."""
-    from cpwb.train import TrainConfig, load_training_pairs
+    from cpwb.pairs import paradetox_heldout
 
-    pairs = load_training_pairs(TrainConfig(model=ev.config.model))[1][:ev.config.heldout_pairs]
+    pairs = paradetox_heldout()[:ev.config.heldout_pairs]
     result = phi_gap(ev.model, ev.tokenizer, [p.negatives[0].text for p in pairs],
                      [p.positives[0].text for p in pairs], ev.config.batch_size, ev.config.progress)
     table = pd.DataFrame({"id": [p.id for p in pairs], "toxic": [p.negatives[0].text for p in pairs],
@@ -224,7 +224,8 @@ def _wikitext2(ev: Evaluation) -> ProtocolOutput:
     """Fluency: WikiText-2 test perplexity over the first `wikitext_windows` strided windows (or all)."""
     result = wikitext2_perplexity(ev.model, ev.tokenizer, max_windows=ev.config.wikitext_windows,
                                   batch_size=max(1, ev.config.batch_size // 4), progress=ev.config.progress)
-    return [Part("test", ("wikitext2_test",), result)], None
+    windows = result.pop("windows")
+    return [Part("test", ("wikitext2_test",), result)], windows
 
 
 def _multiple_choice(name: str, loader: Callable, limit_field: str, data: tuple[str, ...]) -> Callable:

@@ -69,6 +69,8 @@ def _eval_key(train_config: TrainConfig, eval_config: QuickEvalConfig) -> str:
     """What the base figures depend on: model, data and evaluation sizes."""
     fields = {k: getattr(train_config, k) for k in ("model", "pairs", "paradetox_limit", "normalize_text",
                                                       "holdout_fraction")}
+    if train_config.with_paradetox:  # only when set, so the keys of earlier cached figures stay valid
+        fields["with_paradetox"] = True
     blob = json.dumps({**fields, **asdict(eval_config), "metrics": QUICK_EVAL_METRICS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

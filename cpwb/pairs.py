@@ -11,6 +11,7 @@ misspelt optional field would otherwise vanish silently). Every problem reads `f
 """
 from __future__ import annotations
 
+import codecs
 import copy
 import json
 import math
@@ -21,11 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpwb.data import ParaDetoxPair, normalize_text
+from cpwb.data import ParaDetoxPair, load_paradetox, normalize_text
 from cpwb.errors import InputError
 from cpwb.files import append_jsonl, atomic_path
 
 SCHEMA_VERSION = 1
+# The canonical held-out ParaDetox pairs: a seeded 10% of the pairs made from the first 4,000 rows (normalised).
+# Training never sees them (whatever pairs it is given) and every analysis measures on them.
+PARADETOX_ROWS = 4000
+HOLDOUT_FRACTION = 0.1
 SOURCES = ("generated", "human", "anchor")
 DEFAULT_MAX_TEXT_BYTES = 1_000_000
 _RECORD_FIELDS = frozenset({"schema_version", "id", "anchor", "group", "positives", "negatives", "meta"})
@@ -216,17 +221,25 @@ def record_problems(obj: Any, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> l
     return problems
 
 
-def _scan(path: str | Path, max_text_bytes: int, drop_torn_tail: bool = False
+def _scan(path: str | Path, max_text_bytes: int, drop_torn_tail: bool = False, require_records: bool = True
           ) -> Iterator[tuple[PairRecord | None, Sequence[InputError]]]:
-    """Stream (record or None, problems) per non-blank line, reading bytes and decoding line by line."""
+    """Stream (record or None, problems) per non-blank line, reading bytes and decoding line by line.
+
+    A UTF-8 byte-order mark at the start (as Excel and some editors write) is skipped. With `require_records`, a file
+    without a single non-blank line is a problem of its own (a pairs file that trains nothing is a mistake).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError("pairs file not found", path)
     first_line: dict[str, int] = {}
+    seen_any = False
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            if raw.isspace():
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw or raw.isspace():
                 continue
+            seen_any = True
             torn = not raw.endswith(b"\n")
             obj, problems = _parse_line(raw, max_text_bytes, torn)
             if problems and torn and drop_torn_tail:
@@ -236,6 +249,8 @@ def _scan(path: str | Path, max_text_bytes: int, drop_torn_tail: bool = False
                 yield None, [InputError(message, path, number, name) for name, message in problems]
             else:
                 yield PairRecord._from_valid(obj), ()
+    if require_records and not seen_any:
+        yield None, [InputError("holds no records (the file is empty or has blank lines only)", path)]
 
 
 def _check_duplicate(obj: Any, number: int, first_line: dict[str, int], problems: list[Problem]) -> None:
@@ -275,7 +290,7 @@ def read_pairs_tolerant(path: str | Path, max_text_bytes: int = DEFAULT_MAX_TEXT
     """Like read_pairs, but a missing file is empty and a torn last line (crash mid-append) is dropped: for resume."""
     if not Path(path).exists():
         return
-    for record, problems in _scan(path, max_text_bytes, drop_torn_tail=True):
+    for record, problems in _scan(path, max_text_bytes, drop_torn_tail=True, require_records=False):
         if problems:
             raise problems[0]
         yield record  # type: ignore[misc]
@@ -393,3 +408,13 @@ def split_pairs(records: list[PairRecord], holdout_fraction: float, seed: int = 
     heldout = set(random.Random(seed).sample(range(len(records)), round(holdout_fraction * len(records))))
     return ([r for i, r in enumerate(records) if i not in heldout],
             [r for i, r in enumerate(records) if i in heldout])
+
+
+def paradetox_heldout() -> list[PairRecord]:
+    """The canonical held-out ParaDetox pairs (391): what notebooks 02-06 and the evaluations measure on.
+
+    They are the held-out split of cpwb.train's default data, so adapters trained on ParaDetox never saw them, and
+    cpwb.train leaves them out of any other training data too (a pairs file, raw text, another row limit).
+    """
+    records = pairs_from_paradetox(load_paradetox(limit=PARADETOX_ROWS), normalize=True)
+    return split_pairs(records, HOLDOUT_FRACTION, seed=0)[1]

@@ -36,7 +36,7 @@ from cpwb.generate import prompt_ids
 from cpwb.hardness import (Candidate, Thresholds, apply_score_filters, apply_text_filters, candidates_frame,
                            card_markdown, card_statistics, clean_generation, edit_ratio, hardness_figure, select_sets)
 from cpwb.nll import texts_nll
-from cpwb.pairs import PairRecord, PairText, append_pair, read_pairs_tolerant
+from cpwb.pairs import PairRecord, PairText, append_pair, paradetox_heldout, read_pairs_tolerant
 
 PAIRS_FILE = "pairs.jsonl"
 LOG_FILE = "generation_log.jsonl"
@@ -153,13 +153,17 @@ def load_anchors(config: GenerateConfig) -> list[Anchor]:
     """The run's anchors, normalised, repeats skipped: ParaDetox rows outside the few-shot pool, or ToxiGen seeds.
 
     A ParaDetox anchor is the row's first neutral side; its other neutrals and its toxic source are the human
-    texts a fallback may use. A ToxiGen anchor is a neutral seed statement, with its target group.
+    texts a fallback may use. Rows of the canonical held-out pairs (`cpwb.pairs.paradetox_heldout`) are never
+    anchors. A ToxiGen anchor is a neutral seed statement, with its target group.
     """
     clean = normalize_text if config.normalize else str.strip
     anchors: list[Anchor] = []
     if config.anchors == "paradetox":
         rows = load_paradetox()
+        reserved = {r.id for r in paradetox_heldout()}  # the held-out pairs every analysis measures on
         for row in rows[:len(rows) - FEW_SHOT_POOL_ROWS]:
+            if row.id in reserved:
+                continue
             toxic = clean(row.toxic)
             neutrals = [n for n in dict.fromkeys(clean(n) for n in row.neutrals) if n and n != toxic]
             if neutrals:

@@ -9,7 +9,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ class RunConfig:
     kernel: str = "python3"
     force: bool = False  # re-execute notebooks already completed
     notebook_dir: str | None = None  # default: the project's notebooks/
+    progress: bool = False  # papermill's bar over each notebook's cells
 
     def __post_init__(self) -> None:
         require(self.run_id is None or (self.run_id and "/" not in self.run_id), "run_id",
@@ -106,17 +112,41 @@ class NotebookResult:
     error: str | None = None
 
 
+def _kernel_manager_class():
+    """A Jupyter kernel manager whose kernels talk over IPC sockets in a private temporary folder.
+
+    Over IPC the kernel does not warn that it is "running over TCP without encryption" at every start, and kernels
+    started at once (sweep points run in parallel) cannot race for the same ports.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class PrivateIPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            folder = tempfile.mkdtemp(prefix="cpwb-kernel-")
+            kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", os.path.join(folder, "kernel"))
+            super().__init__(**kwargs)
+            weakref.finalize(self, shutil.rmtree, folder, True)
+
+    return PrivateIPCKernelManager
+
+
 def execute_notebook(notebook: Path, output: Path, parameters: dict[str, Any], cwd: Path,
-                     kernel: str = "python3") -> None:
-    """Run one notebook with papermill, logging its output; the executed copy is written as it goes."""
+                     kernel: str = "python3", progress: bool = False) -> None:
+    """Run one notebook with papermill; the executed copy is written as it goes. `progress`: a bar over its cells."""
     import papermill
 
     papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel,
-                               log_output=True, progress_bar=False, cwd=str(cwd))
+                               log_output=False, progress_bar=progress, cwd=str(cwd),
+                               kernel_manager_class=_kernel_manager_class())
 
 
-def run_notebooks(config: RunConfig) -> tuple[Path, list[NotebookResult]]:
-    """Execute the configured notebooks in order into `<output_root>/<run_id>/`; returns the folder and results."""
+def run_notebooks(config: RunConfig, say: Callable[[str], None] | None = None) -> tuple[Path, list[NotebookResult]]:
+    """Execute the configured notebooks in order into `<output_root>/<run_id>/`; returns the folder and results.
+
+    `say` receives one line as each notebook starts and one as it ends (or is skipped), with its output path.
+    """
+    say = say or (lambda line: None)
     folder = Path(config.notebook_dir) if config.notebook_dir else NOTEBOOK_DIR
     notebooks = ordered_notebooks(config.notebooks, folder)
     selected = {nb.name: select_parameters(nb, config.parameters) for nb in notebooks}
@@ -128,7 +158,8 @@ def run_notebooks(config: RunConfig) -> tuple[Path, list[NotebookResult]]:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     done = record.get("notebooks", {})
     results = []
-    for nb in notebooks:
+    for number, nb in enumerate(notebooks, start=1):
+        step = f"[{number}/{len(notebooks)}] {nb.name}"
         params = {**selected[nb.name]}
         if "run_dir" in declared_parameters(nb):
             params["run_dir"] = str(run_dir)
@@ -138,14 +169,17 @@ def run_notebooks(config: RunConfig) -> tuple[Path, list[NotebookResult]]:
         if not config.force and previous.get("status") == "completed" and previous.get("key") == key \
                 and output.is_file():
             results.append(NotebookResult(nb.name, str(output), "skipped", 0.0))
+            say(f"{step}: already completed with these parameters, skipped ({output})")
             continue
+        say(f"{step}: started, executed copy in {output}")
         started = time.time()
         try:
-            execute_notebook(nb, output, params, cwd=folder, kernel=config.kernel)
+            execute_notebook(nb, output, params, cwd=folder, kernel=config.kernel, progress=config.progress)
             result = NotebookResult(nb.name, str(output), "completed", time.time() - started)
         except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
             result = NotebookResult(nb.name, str(output), "failed", time.time() - started,
                                     f"{type(err).__name__}: {err}")
+        say(f"{step}: {result.status} in {result.seconds:.0f} s")
         results.append(result)
         done[nb.name] = {"status": result.status, "key": key, "parameters": params, "seconds": result.seconds,
                          "error": result.error}

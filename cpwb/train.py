@@ -29,7 +29,7 @@ from cpwb.errors import ConfigError, CpwbError
 from cpwb.data import general_texts
 from cpwb.files import append_jsonl, atomic_path, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from cpwb.nll import SequenceNLL, TokenBatch, encode, packing_matches, scored_states, sequence_kl, sequence_nll
-from cpwb.pairs import PairRecord
+from cpwb.pairs import HOLDOUT_FRACTION, PARADETOX_ROWS, PairRecord
 
 Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo"]
 
@@ -47,9 +47,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # data: a pairs file (notebook 01), or pairs built from ParaDetox when it is null
     pairs: str | None = None
-    paradetox_limit: int = 4000
+    with_paradetox: bool = False  # with a pairs file: train on it together with ParaDetox's training pairs
+    paradetox_limit: int = PARADETOX_ROWS
     normalize_text: bool = True  # same casing/spacing on both sides (ParaDetox's formatting confound)
-    holdout_fraction: float = 0.1
+    holdout_fraction: float = HOLDOUT_FRACTION
     max_positives: int = 3
     max_negatives: int = 3
     random_negatives: int = 0  # toxic texts of other anchors added as negatives
@@ -119,21 +120,43 @@ class TrainConfig:
 
 
 def load_training_pairs(config: TrainConfig) -> tuple[list[PairRecord], list[PairRecord], dict[str, Any]]:
-    """(train, held-out) pairs and a record of where they came from (file hash, counts)."""
-    from cpwb.data import data_hash, data_path, load_paradetox
-    from cpwb.pairs import pairs_from_paradetox, read_pairs, split_pairs
+    """(train, held-out) pairs and a record of where they came from (file hashes, counts).
 
+    ParaDetox pairs are split by `holdout_fraction`. A pairs file is split the same way, or, `with_paradetox`, all
+    of it trains together with ParaDetox's training split (its records replace ParaDetox's of the same id) and the
+    held-out pairs are ParaDetox's. Whatever the source, the canonical held-out ParaDetox pairs
+    (`cpwb.pairs.paradetox_heldout`) never train, so every analysis can measure on them.
+    """
+    from cpwb.data import data_hash, data_path, load_paradetox
+    from cpwb.pairs import paradetox_heldout, pairs_from_paradetox, read_pairs, split_pairs
+
+    def paradetox_split() -> tuple[list[PairRecord], list[PairRecord]]:
+        records = pairs_from_paradetox(load_paradetox(limit=config.paradetox_limit), normalize=config.normalize_text)
+        return split_pairs(records, config.holdout_fraction, seed=0)
+
+    paradetox = {"paradetox_hash": data_hash([data_path("paradetox")]), "normalized": config.normalize_text}
     if config.pairs:
         records = list(read_pairs(config.pairs))
-        source = {"pairs": config.pairs, "data_hash": data_hash([config.pairs])}
+        source: dict[str, Any] = {"pairs": config.pairs, "data_hash": data_hash([config.pairs]),
+                                  "n_file": len(records)}
+        if config.with_paradetox:
+            ids = {r.id for r in records}
+            extra_train, extra_heldout = paradetox_split()
+            train = records + [r for r in extra_train if r.id not in ids]
+            heldout = [r for r in extra_heldout if r.id not in ids]
+            source |= {"with_paradetox": True, **paradetox}
+        else:
+            train, heldout = split_pairs(records, config.holdout_fraction, seed=0)
     else:
-        records = pairs_from_paradetox(load_paradetox(limit=config.paradetox_limit), normalize=config.normalize_text)
-        source = {"pairs": "paradetox", "normalized": config.normalize_text,
-                  "data_hash": data_hash([data_path("paradetox")])}
-    train, heldout = split_pairs(records, config.holdout_fraction, seed=0)
-    if not train:
-        raise ConfigError("no training anchors left after the held-out split", field="pairs")
-    return train, heldout, {**source, "n_train": len(train), "n_heldout": len(heldout)}
+        train, heldout = paradetox_split()
+        source = {"pairs": "paradetox", "data_hash": paradetox["paradetox_hash"], **paradetox}
+    reserved = {r.id for r in paradetox_heldout()}
+    kept = [r for r in train if r.id not in reserved]
+    if not kept:
+        raise ConfigError(f"no training anchors left ({len(train)} before the canonical held-out ParaDetox pairs "
+                          "were taken out)", field="pairs")
+    return kept, heldout, {**source, "n_train": len(kept), "n_heldout": len(heldout),
+                           "n_reserved_left_out": len(train) - len(kept)}
 
 
 def anchor_order(n_anchors: int, seed: int, count: int, offset: int = 0) -> list[int]:
@@ -465,8 +488,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """Train a LoRA adapter with the configured objective; `stop_after` ends early (to test resuming)."""
+    train_pairs, heldout, source = load_training_pairs(config)  # bad data fails before any weights load
     check_target_modules(config)
-    train_pairs, heldout, source = load_training_pairs(config)
     device = pick_device(config.device)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)

@@ -14,7 +14,7 @@ NOTEBOOKS = ordered_notebooks()
 # Small parameters so that every notebook runs on the CI's CPU in a few minutes; each notebook takes those it declares.
 CI_PARAMETERS = {"n_pairs": 6, "steps": 3, "heldout_pairs": 8, "paraphrases_per_anchor": 4, "rtp_prompts": 2,
                  "samples_per_prompt": 2, "greedy_prompts": 4, "toxigen_per_group": 1, "wikitext_windows": 1,
-                 "mc_items": 4, "blackbox_texts": 2}
+                 "mc_items": 4, "blackbox_texts": 2, "grid": "../configs/ablations_ci.yaml"}
 
 
 def test_there_are_notebooks():
@@ -94,3 +94,29 @@ def test_wrong_parameter_type_is_refused_before_anything_runs(tmp_path):
 def test_unknown_notebook_name_lists_the_available_ones():
     with pytest.raises(ConfigError, match="00_tour"):
         ordered_notebooks(["99_nope"], NOTEBOOK_DIR)
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_a_chain_from_a_few_generated_pairs_runs_at_default_sizes(tmp_path):
+    """01 keeps only a few anchors; 02, 03 and 04 then run at their default data sizes on that run folder.
+
+    The analysis notebooks measure on the canonical held-out ParaDetox pairs, so they do not depend on how many pairs
+    01 kept; 04 says in one line that the pairs file is too small for its own view. Only the training steps are
+    cut (they change no data size).
+    """
+    folder = dict(output_root=str(tmp_path), run_id="chain")
+    run_dir, first = run_notebooks(RunConfig(notebooks=["01"], parameters={"n_pairs": 3}, **folder))
+    raise_on_failure(first)
+    kept = [line for line in (run_dir / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    assert len(kept) <= 3
+    _, rest = run_notebooks(RunConfig(notebooks=["02", "03", "04"], parameters={"steps": 2}, **folder))
+    raise_on_failure(rest)
+    assert [r.status for r in rest] == ["completed"] * 3
+    data = json.loads((run_dir / "train" / "data.json").read_text())
+    assert data["with_paradetox"] and data["n_file"] == len(kept) and data["n_train"] > 3000
+    embedded = nbformat.read(run_dir / "04_embedding_umap.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in embedded.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "too few for a UMAP map" in printed and "this view is left out" in printed
+    assert (run_dir / "figures" / "embedding_umap.html").is_file()
+    assert not (run_dir / "figures" / "embedding_umap_pairs.html").exists()

@@ -238,3 +238,43 @@ def test_reading_streams_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert count == 100_000
     assert peak < 50 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"  \n\t\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n  \n"],
+                         ids=["empty", "newlines", "blank lines", "bom only", "bom and blanks"])
+def test_a_file_without_records_is_refused_in_one_line(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    assert validate_pairs_file(path) == [f"{path}: holds no records (the file is empty or has blank lines only)"]
+    with pytest.raises(InputError, match="holds no records"):
+        list(read_pairs(path))
+    assert list(read_pairs_tolerant(path)) == []  # resuming a generation run from an empty file is fine
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good("r1")).encode() + b"\n" + json.dumps(good("r2")).encode())
+    assert validate_pairs_file(path) == []
+    assert [r.id for r in read_pairs(path)] == ["r1", "r2"]
+    path.write_bytes(b"\xef\xbb\xbf{broken\n")  # the mark is skipped, the line still checked
+    assert validate_pairs_file(path)[0].startswith(f"{path}:1: invalid JSON")
+
+
+def test_validate_pairs_command_exits_non_zero_on_an_empty_file(tmp_path: Path, capsys) -> None:
+    from cpwb.cli import main
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n \n")
+    assert main(["validate-pairs", str(path)]) == 1
+    assert capsys.readouterr().err.strip() == f"{path}: holds no records (the file is empty or has blank lines only)"
+    write_lines(path, good("r1"))
+    assert main(["validate-pairs", str(path)]) == 0
+
+
+def test_the_canonical_held_out_pairs_are_paradetox_s_default_split() -> None:
+    from cpwb.pairs import HOLDOUT_FRACTION, PARADETOX_ROWS, paradetox_heldout
+
+    heldout = paradetox_heldout()
+    records = pairs_from_paradetox(load_paradetox(limit=PARADETOX_ROWS))
+    assert len(heldout) == round(HOLDOUT_FRACTION * len(records)) == 391
+    assert [r.id for r in heldout] == [r.id for r in split_pairs(records, HOLDOUT_FRACTION, seed=0)[1]]

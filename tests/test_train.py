@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from cpwb.config import from_dict
-from cpwb.errors import ConfigError
+from cpwb.errors import ConfigError, InputError
 from cpwb.pairs import PairRecord, PairText, write_pairs
 from cpwb.train import (NonFiniteLossError, TrainConfig, anchor_order, build_anchor_batch, latest_checkpoint,
                         to_slots, train)
@@ -157,3 +157,38 @@ def test_kl_term_is_zero_at_start_and_logged(tiny_setup, tmp_path, kl_data):
                                kl_data=kl_data))
     kls = [m["kl"] for m in result.metrics]
     assert abs(kls[0]) < 1e-6 and kls[-1] > 1e-6  # LoRA starts as the identity: the model equals its base
+
+
+def test_an_empty_pairs_file_is_refused_before_weights_load(tmp_path, monkeypatch):
+    import cpwb.train as trainer
+
+    monkeypatch.setattr(trainer, "build_model", lambda *a: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(trainer, "check_target_modules", lambda *a: pytest.fail("model resolved before the check"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n   \n")
+    with pytest.raises(InputError, match="holds no records"):
+        train(from_dict(TrainConfig, {"pairs": str(empty), "output_dir": str(tmp_path / "out")}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pairs_file_trains_with_paradetox_and_no_run_trains_on_the_canonical_held_out_pairs(tiny_setup, tmp_path):
+    from cpwb.pairs import paradetox_heldout, read_pairs
+    from cpwb.train import load_training_pairs
+
+    reserved = [r.id for r in paradetox_heldout()]
+    file_records = list(read_pairs(tiny_setup / "pairs.jsonl"))
+    leaked = PairRecord(id=reserved[0], anchor="a held-out anchor", positives=(PairText("fine words", "human"),),
+                        negatives=(PairText("rude words", "human"),))
+    write_pairs(tmp_path / "pairs.jsonl", [*file_records, leaked])
+    only_file, file_heldout, source = load_training_pairs(tiny_config(tiny_setup, tmp_path, pairs=str(
+        tmp_path / "pairs.jsonl")))
+    assert [r.id for r in only_file] == [r.id for r in file_records] and not file_heldout
+    assert source["n_reserved_left_out"] == 1  # the file's record of a canonical held-out anchor never trains
+    mixed, heldout, source = load_training_pairs(tiny_config(tiny_setup, tmp_path, with_paradetox=True,
+                                                             holdout_fraction=0.1, pairs=str(tmp_path / "pairs.jsonl")))
+    assert [r.id for r in mixed[:len(file_records)]] == [r.id for r in file_records]
+    assert len(mixed) > 3000 and source["with_paradetox"] and source["n_file"] == len(file_records) + 1
+    assert [r.id for r in heldout] == reserved[1:]  # ParaDetox's held-out pairs, less the one the file claimed
+    assert not {r.id for r in mixed} & set(reserved)
+    paradetox_only, default_heldout, _ = load_training_pairs(TrainConfig())
+    assert [r.id for r in default_heldout] == reserved and not {r.id for r in paradetox_only} & set(reserved)
