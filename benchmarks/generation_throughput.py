@@ -1,9 +1,9 @@
-"""Generated tokens per second: cpwb.paraphrase's batched sampler vs a batch-1 loop, measured side by side.
+"""Generated tokens per second: cpwb.steps.negatives.run's batched sampler vs a batch-1 loop, measured side by side.
 
 Both sample toxic paraphrases of the same ParaDetox anchors with the same few-shot chat prompt and decoding
 settings. Batched: all anchors in one call, k samples each, the shared prompt prefix computed once and finished
 rows leaving the batch (TransformersGenerator, what `cpwb generate` runs). Batch-1: one prompt and one sample per model.generate call
-(cpwb.generate with batch_size 1, the reference implementation's loop), one sample per anchor. The two alternate
+(cpwb.engine.generate with batch_size 1, the reference implementation's loop), one sample per anchor. The two alternate
 within each repeat so that a busy machine slows both alike; tokens are counted on the decoded texts the same
 way for both. Rows go to benchmarks/results.csv; the ratio of medians is printed.
 
@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from cpwb.bench_results import RESULTS, append_result, device_name
+from cpwb.app.bench_results import RESULTS, append_result
+from cpwb.engine.device import device_name
 
-from cpwb.assets import load_causal_lm, load_tokenizer
-from cpwb.generate import generate, prompt_ids
-from cpwb.paraphrase import PROMPTS, GenerateConfig, TransformersGenerator, few_shot_examples, load_anchors
-from cpwb.scoring import load_toxicity_scorer
+from cpwb.engine.assets import load_causal_lm, load_tokenizer
+from cpwb.engine.generate import generate, prompt_ids
+from cpwb.steps.negatives.run import PROMPTS, GenerateConfig, TransformersGenerator, few_shot_examples, load_anchors
+from cpwb.engine.scoring import load_toxicity_scorer
 
 
 def timed(run: Callable[[], list[str]], tokenizer) -> tuple[float, int]:

@@ -4,8 +4,8 @@
 """
 import pandas as pd
 
-from cpwb.bench_results import RESULTS, results_figure
-from cpwb.files import atomic_write_text
+from cpwb.app.bench_results import RESULTS, results_figure
+from cpwb.core.files import atomic_write_text
 
 if __name__ == "__main__":
     table = pd.read_csv(RESULTS)

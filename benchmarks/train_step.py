@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --shape mistral-7b --anchors 6 --positives 5 --negatives 5 --lora-r 64 \
         --peak-tflops 790                                                               # one H100
 """
-from cpwb.bench import main
+from cpwb.app.bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from cpwb.config import load_yaml_config, parse_override
-from cpwb.experiment import train_and_evaluate
-from cpwb.train import TrainConfig
+from cpwb.core.config import load_yaml_config, parse_override
+from cpwb.steps.experiment import train_and_evaluate
+from cpwb.steps.training.trainer import TrainConfig
 
 
 def main() -> None:

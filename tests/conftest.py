@@ -8,7 +8,7 @@ import torch
 @pytest.fixture(scope="session")
 def default_lm():
     """The embedded SmolLM2-135M-Instruct and its tokenizer (converted into the cache on first use)."""
-    from cpwb.assets import load_causal_lm, load_tokenizer
+    from cpwb.engine.assets import load_causal_lm, load_tokenizer
 
     return load_causal_lm("default"), load_tokenizer("default")
 

@@ -6,15 +6,23 @@ import pandas as pd
 import pytest
 import torch
 
-from cpwb.ablations import (aggregate, formatted, pareto_figure, pareto_front, read_results, set_size_heatmap,
-                            set_size_table, training_time_figure)
-from cpwb.errors import InputError
-from cpwb.train import train
+from cpwb.analysis.ablations import (
+    aggregate,
+    formatted,
+    pareto_figure,
+    pareto_front,
+    read_results,
+    set_size_heatmap,
+    set_size_table,
+    training_time_figure,
+)
+from cpwb.core.errors import InputError
+from cpwb.steps.training.trainer import train
 from tests.test_train import tiny_config, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
 
 
 def _results() -> pd.DataFrame:
-    """A results.csv as cpwb.sweep writes it: settings between `status` and `seed`, then metrics."""
+    """A results.csv as cpwb.app.sweep writes it: settings between `status` and `seed`, then metrics."""
     rows = []
     variants = {  # variant: (varied, objective, max_positives, random_negatives, toxicity, ppl)
         "base": ("", "cp", 3, 0, 0.20, 28.5),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cpwb import assets
-from cpwb.errors import AssetError
+from cpwb.core.errors import AssetError
+from cpwb.engine import assets
 
 
 @pytest.fixture

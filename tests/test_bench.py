@@ -6,8 +6,8 @@ import csv
 import pytest
 import torch
 
-from cpwb import bench
-from cpwb.bench import BenchConfig
+from cpwb.app import bench
+from cpwb.app.bench import BenchConfig
 
 TINY = ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256,
@@ -54,7 +54,7 @@ def test_a_bad_setting_is_named():
 
 
 def test_results_figure_plots_the_latest_row_per_config(tiny_shape, tmp_path):
-    from cpwb.bench_results import append_result, results_figure
+    from cpwb.app.bench_results import append_result, results_figure
 
     out = tmp_path / "results.csv"
     for value in (1.0, 2.0):
@@ -67,8 +67,8 @@ def test_results_figure_plots_the_latest_row_per_config(tiny_shape, tmp_path):
 def test_versions_name_the_code_commit(tmp_path, monkeypatch):
     import re
 
-    from cpwb import bench_results
+    from cpwb.core import provenance
 
-    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", bench_results.versions()["git"])  # tests run in a git checkout
-    monkeypatch.setattr(bench_results.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
-    assert bench_results.git_commit() == ""
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", provenance.versions()["git"])  # tests run in a git checkout
+    monkeypatch.setattr(provenance.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert provenance.git_commit() == ""

@@ -6,8 +6,8 @@ from typing import Literal
 
 import pytest
 
-from cpwb.config import from_dict, load_yaml_config, parse_override, require
-from cpwb.errors import ConfigError
+from cpwb.core.config import from_dict, load_yaml_config, parse_override, require
+from cpwb.core.errors import ConfigError
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cpwb import data
-from cpwb.errors import InputError
+from cpwb.core.errors import InputError
+from cpwb.data import corpora as data
 
 
 def test_toxigen_seeds_counts_labels_and_filters() -> None:

@@ -8,14 +8,24 @@ import pandas as pd
 import pytest
 import torch
 
-from cpwb.distributions import (TOXIGEN_SOURCE, ecdf_figure, example_texts, group_violin_figure, histogram_figure,
-                                ks_statistic, pair_texts_table, phi_table, roc_auc, separation, separation_table,
-                                token_nll_html, toxigen_texts)
-from cpwb.embed import NON_TOXIC, TOXIC
-from cpwb.errors import InputError
-from cpwb.nll import texts_nll
-from cpwb.pairs import PairRecord, PairText
-from cpwb.widgets import Side, base_and_cp_sides
+from cpwb.analysis.distributions import (
+    TOXIGEN_SOURCE,
+    ecdf_figure,
+    example_texts,
+    group_violin_figure,
+    histogram_figure,
+    ks_statistic,
+    phi_table,
+    roc_auc,
+    separation,
+    separation_table,
+    token_nll_html,
+    toxigen_texts,
+)
+from cpwb.core.errors import InputError
+from cpwb.data.pairs import NON_TOXIC, TOXIC, PairRecord, PairText, pair_texts
+from cpwb.engine.adapters import Side, base_and_cp_sides
+from cpwb.engine.nll import texts_nll
 
 
 def test_roc_auc_known_answers():
@@ -60,8 +70,8 @@ def _records():
                        (PairText(f"rude {i}", "generated"),), group="g" if i else None) for i in range(3)]
 
 
-def test_pair_texts_table_roles_and_labels():
-    table = pair_texts_table(_records(), "mine", n_pairs=2, positives_per_pair=2)
+def test_pair_texts_roles_labels_and_source():
+    table = pair_texts(_records(), n_pairs=2, positives_per_pair=2, source="mine")
     assert len(table) == 2 * 3 and set(table.source) == {"mine"}
     assert table[table.role == "negative"].label.eq(TOXIC).all()
     assert table[table.role == "positive"].text.tolist() == ["nice 0", "kind 0", "nice 1", "kind 1"]
@@ -87,7 +97,7 @@ def sides(fresh_tiny_lm):
 
 def test_phi_table_scores_every_text_under_every_side(sides):
     (base, cp), tokenizer = sides
-    texts = pair_texts_table(_records(), "mine")
+    texts = pair_texts(_records(), source="mine")
     table = phi_table((base, cp), tokenizer, texts, batch_size=2)
     assert len(table) == 2 * len(texts) and table.model.tolist() == ["base"] * 6 + ["CP"] * 6
     with cp.model.disable_adapter():
@@ -119,5 +129,5 @@ def test_figures_have_a_trace_per_panel_and_label():
 
 def test_base_only_side_list(fresh_tiny_lm):
     model, tokenizer = fresh_tiny_lm
-    table = phi_table([Side("base", model)], tokenizer, pair_texts_table(_records(), "mine"))
+    table = phi_table([Side("base", model)], tokenizer, pair_texts(_records(), source="mine"))
     assert set(table.model) == {"base"} and table.phi.notna().all()

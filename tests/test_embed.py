@@ -6,12 +6,23 @@ import shutil
 import numpy as np
 import pytest
 
-from cpwb.embed import (NON_TOXIC, TOXIC, adapter_run, hidden_states, layer_sweep, layer_sweep_figure, model_embeddings,
-                        model_fingerprint, pair_texts, probe_scores, project, projection_figure, resolve_layers,
-                        separation, silhouette)
-from cpwb.errors import InputError
-from cpwb.pairs import PairRecord, PairText
-from cpwb.train import TrainConfig, load_training_pairs
+from cpwb.analysis.embeddings import (
+    adapter_run,
+    hidden_states,
+    layer_sweep,
+    layer_sweep_figure,
+    model_embeddings,
+    model_fingerprint,
+    probe_scores,
+    project,
+    projection_figure,
+    resolve_layers,
+    separation,
+    silhouette,
+)
+from cpwb.core.errors import InputError
+from cpwb.data.pairs import NON_TOXIC, TOXIC, PairRecord, PairText, pair_texts
+from cpwb.steps.training.trainer import TrainConfig, load_training_pairs
 from tests.conftest import make_tiny_lm
 
 TEXTS = ["you are a complete idiot and everyone knows it", "thanks", "the weather is nice today, isn't it?"]
@@ -102,11 +113,11 @@ def test_fingerprint_follows_the_weights_of_unnamed_models(default_lm):
 
 
 def test_pair_texts_labels_roles_and_skips_the_anchor_among_positives():
-    frame = pair_texts([_record(0, 3), _record(1, 1)], positives_per_pair=1)
+    frame = pair_texts([_record(0, 3), _record(1, 1)], positives_per_pair=1, with_anchor=True)
     assert frame.role.tolist() == ["anchor", "positive", "negative", "anchor", "negative"]
     assert frame.label.tolist() == [NON_TOXIC, NON_TOXIC, TOXIC, NON_TOXIC, TOXIC]
     assert frame.text[1] == "neutral text 0 version 1"
-    assert len(pair_texts([_record(i) for i in range(5)], n_pairs=2)) == 6
+    assert len(pair_texts([_record(i) for i in range(5)], n_pairs=2, with_anchor=True)) == 6
     with pytest.raises(InputError, match="negatives_per_pair"):
         pair_texts([_record(0)], negatives_per_pair=0)
 
@@ -148,7 +159,7 @@ def test_layer_sweep_rows_and_figure():
 
 
 def test_projection_figure_panels_groups_and_anchor_lines():
-    frame = pair_texts([_record(0), _record(1)])
+    frame = pair_texts([_record(0), _record(1)], with_anchor=True)
     frame["toxicity"] = np.linspace(0, 1, len(frame))
     coords = np.arange(2 * len(frame), dtype=float).reshape(-1, 2)
     figure = projection_figure(frame, {"base": coords, "CP": coords + 1}, "t", lines=True)

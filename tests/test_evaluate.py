@@ -10,13 +10,26 @@ import pytest
 import torch
 
 import cpwb
-from cpwb.data import MultipleChoice, ToxigenStatement, data_hash, data_path
-from cpwb.errors import InputError
-from cpwb.evaluate import (blackbox_rewrite, conditional_perplexity, distinct_n, expected_max_toxicity,
-                           greedy_toxicity_rate, metric_rows, multiple_choice_accuracy, phi_gap, provenance,
-                           rtp_continuation_toxicity, strided_windows, toxicity_probability,
-                           toxigen_continuation_toxicity, wikitext2_perplexity, write_metrics)
-from cpwb.nll import encode, texts_nll
+from cpwb.core.errors import InputError
+from cpwb.data.corpora import MultipleChoice, ToxigenStatement, data_hash, data_path
+from cpwb.engine.nll import encode, texts_nll
+from cpwb.steps.evaluation.metrics import (
+    blackbox_rewrite,
+    conditional_perplexity,
+    distinct_n,
+    expected_max_toxicity,
+    greedy_toxicity_rate,
+    metric_rows,
+    multiple_choice_accuracy,
+    phi_gap,
+    provenance,
+    rtp_continuation_toxicity,
+    strided_windows,
+    toxicity_probability,
+    toxigen_continuation_toxicity,
+    wikitext2_perplexity,
+    write_metrics,
+)
 
 SHORT_TEXT = "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest " \
              "structure in Paris. Its base is square, measuring 125 metres on each side."

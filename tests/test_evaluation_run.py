@@ -9,11 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
-from cpwb.config import from_dict, load_yaml_config
-from cpwb.errors import ConfigError, InputError
-from cpwb.evaluate import conditional_perplexity
-from cpwb.evaluation_run import (PROTOCOLS, EvaluateConfig, describe, find_adapter, run_evaluation,
-                                 toxigen_statements)
+from cpwb.core.config import from_dict, load_yaml_config
+from cpwb.core.errors import ConfigError, InputError
+from cpwb.engine.adapters import find_adapter
+from cpwb.steps.evaluation.metrics import conditional_perplexity
+from cpwb.steps.evaluation.run import (
+    PROTOCOLS,
+    EvaluateConfig,
+    describe,
+    run_evaluation,
+    toxigen_statements,
+)
 from tests.test_evaluate import CharEmbedder, LengthScorer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpwb.errors import InputError
-from cpwb.generate import generate, prompt_ids
+from cpwb.core.errors import InputError
+from cpwb.engine.generate import generate, prompt_ids
 
 PROMPTS = ["The weather today is", "Once upon a time, in a land far away, there lived a", "I think that", "Hello",
            "", "You are a"]

@@ -3,9 +3,22 @@ from __future__ import annotations
 
 import pytest
 
-from cpwb.hardness import (HISTOGRAM_EDGES, STAGES, Candidate, Thresholds, apply_score_filters, apply_text_filters,
-                           card_statistics, clean_generation, edit_ratio, examples_table, funnel, candidates_frame,
-                           hardness_figure, select_sets)
+from cpwb.steps.negatives.hardness import (
+    HISTOGRAM_EDGES,
+    STAGES,
+    Candidate,
+    Thresholds,
+    apply_score_filters,
+    apply_text_filters,
+    candidates_frame,
+    card_statistics,
+    clean_generation,
+    edit_ratio,
+    examples_table,
+    funnel,
+    hardness_figure,
+    select_sets,
+)
 
 ANCHOR = "you are kind to everyone."
 

@@ -1,4 +1,4 @@
-"""Tests of cpwb.loss: closed forms, gradient signs, masking, numerical safety and config validation."""
+"""Tests of cpwb.engine.loss: closed forms, gradient signs, masking, numerical safety and config validation."""
 from __future__ import annotations
 
 import itertools
@@ -7,9 +7,18 @@ import math
 import pytest
 import torch
 
-from cpwb.errors import ConfigError
-from cpwb.loss import (LOSS_NAMES, CPLossConfig, cp_loss, dpo_loss, negatives_only_loss, positives_only_loss,
-                       reference_cp_loss, simpo_loss, token_unlikelihood)
+from cpwb.core.errors import ConfigError
+from cpwb.engine.loss import (
+    LOSS_NAMES,
+    CPLossConfig,
+    cp_loss,
+    dpo_loss,
+    negatives_only_loss,
+    positives_only_loss,
+    reference_cp_loss,
+    simpo_loss,
+    token_unlikelihood,
+)
 
 NO_ANCHOR = dict(anchor_weight=0.0)
 

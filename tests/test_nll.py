@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from cpwb.nll import encode, length_buckets, packing_matches, sequence_nll, start_token_id, texts_nll
+from cpwb.engine.nll import (
+    encode,
+    length_buckets,
+    packing_matches,
+    sequence_nll,
+    start_token_id,
+    texts_nll,
+)
 
 TEXTS = ["The cat sat on the mat.", "hello", "You are a complete idiot and everyone hates you, honestly. " * 3, "A",
          "Thanks for the help with the report, it was great."]
@@ -107,7 +114,7 @@ def test_length_buckets_cover_all_indices_longest_first():
 
 
 def test_sequence_kl_matches_a_naive_full_logits_kl(fresh_tiny_lm):
-    from cpwb.nll import scored_states, sequence_kl
+    from cpwb.engine.nll import scored_states, sequence_kl
 
     model, tokenizer = fresh_tiny_lm
     batch = encode(tokenizer, TEXTS)
@@ -130,7 +137,7 @@ def test_sequence_kl_matches_a_naive_full_logits_kl(fresh_tiny_lm):
 @pytest.mark.parametrize("layout", ["right", "left", "packed"])
 def test_kl_on_selected_rows_matches_the_full_batch_kl(fresh_tiny_lm, layout):
     """The training KL runs the base on the selected texts only; their values equal the whole-batch computation."""
-    from cpwb.nll import scored_states, sequence_kl
+    from cpwb.engine.nll import scored_states, sequence_kl
 
     model, tokenizer = fresh_tiny_lm
     batch = encode(tokenizer, TEXTS, padding_side="left" if layout == "left" else "right")

@@ -7,8 +7,14 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cpwb.errors import ConfigError, CpwbError
-from cpwb.runner import NOTEBOOK_DIR, RunConfig, ordered_notebooks, raise_on_failure, run_notebooks
+from cpwb.app.runner import (
+    NOTEBOOK_DIR,
+    RunConfig,
+    ordered_notebooks,
+    raise_on_failure,
+    run_notebooks,
+)
+from cpwb.core.errors import ConfigError, CpwbError
 
 NOTEBOOKS = ordered_notebooks()
 # Small parameters so that every notebook runs on the CI's CPU in a few minutes; each notebook takes those it declares.

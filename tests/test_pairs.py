@@ -8,10 +8,18 @@ from typing import Any
 
 import pytest
 
-from cpwb.data import load_paradetox, normalize_text
-from cpwb.errors import InputError
-from cpwb.pairs import (PairRecord, PairText, append_pair, pairs_from_paradetox, read_pairs, read_pairs_tolerant,
-                        split_pairs, validate_pairs_file, write_pairs)
+from cpwb.core.errors import InputError
+from cpwb.data.corpora import load_paradetox, normalize_text
+from cpwb.data.pairs import (
+    PairRecord,
+    PairText,
+    append_pair,
+    read_pairs,
+    read_pairs_tolerant,
+    validate_pairs_file,
+    write_pairs,
+)
+from cpwb.data.paradetox import pairs_from_paradetox, split_pairs
 
 
 def good(record_id: str = "r1", **changes: Any) -> dict[str, Any]:
@@ -261,7 +269,7 @@ def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
 
 
 def test_validate_pairs_command_exits_non_zero_on_an_empty_file(tmp_path: Path, capsys) -> None:
-    from cpwb.cli import main
+    from cpwb.app.cli import main
 
     path = tmp_path / "p.jsonl"
     path.write_text("\n \n")
@@ -272,7 +280,7 @@ def test_validate_pairs_command_exits_non_zero_on_an_empty_file(tmp_path: Path, 
 
 
 def test_the_canonical_held_out_pairs_are_paradetox_s_default_split() -> None:
-    from cpwb.pairs import HOLDOUT_FRACTION, PARADETOX_ROWS, paradetox_heldout
+    from cpwb.data.paradetox import HOLDOUT_FRACTION, PARADETOX_ROWS, paradetox_heldout
 
     heldout = paradetox_heldout()
     records = pairs_from_paradetox(load_paradetox(limit=PARADETOX_ROWS))

@@ -13,14 +13,24 @@ import pytest
 import torch
 import yaml
 
-from cpwb.config import from_dict, load_yaml_config
-from cpwb.errors import AssetError, ConfigError
-from cpwb.generate import prompt_ids
-from cpwb.hardness import edit_ratio
-from cpwb.pairs import read_pairs, validate_pairs_file
-from cpwb.paraphrase import (FEW_SHOT_POOL_ROWS, LOG_FILE, PROMPTS, GenerateConfig, GenerationModels,
-                             TransformersGenerator, VLLMGenerator, _shared_prefix_length, few_shot_examples,
-                             load_anchors, run_generation)
+from cpwb.core.config import from_dict, load_yaml_config
+from cpwb.core.errors import AssetError, ConfigError
+from cpwb.data.pairs import read_pairs, validate_pairs_file
+from cpwb.engine.generate import prompt_ids
+from cpwb.steps.negatives.hardness import edit_ratio
+from cpwb.steps.negatives.run import (
+    FEW_SHOT_POOL_ROWS,
+    LOG_FILE,
+    PROMPTS,
+    GenerateConfig,
+    GenerationModels,
+    TransformersGenerator,
+    VLLMGenerator,
+    _shared_prefix_length,
+    few_shot_examples,
+    load_anchors,
+    run_generation,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +46,7 @@ class CrcScorer:
 
 @pytest.fixture(scope="module")
 def embedder():
-    from cpwb.scoring import SentenceEmbedder
+    from cpwb.engine.scoring import SentenceEmbedder
 
     return SentenceEmbedder.from_pretrained()
 
@@ -87,7 +97,7 @@ def test_shipped_yaml_mirrors_the_dataclass():
 
 
 def test_paradetox_anchors_are_normalised_neutral_sides_outside_the_few_shot_pool():
-    from cpwb.data import load_paradetox, normalize_text
+    from cpwb.data.corpora import load_paradetox, normalize_text
 
     rows = load_paradetox()
     anchors = load_anchors(GenerateConfig(n_anchors=5, anchor_offset=2))
@@ -109,7 +119,7 @@ def test_toxigen_anchors_carry_their_group():
 
 
 def test_few_shot_examples_are_seeded_rewrites_that_the_scorer_separates():
-    from cpwb.scoring import load_toxicity_scorer
+    from cpwb.engine.scoring import load_toxicity_scorer
 
     scorer = load_toxicity_scorer()
     examples = few_shot_examples(GenerateConfig(n_examples=4), scorer)

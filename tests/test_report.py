@@ -8,14 +8,21 @@ import math
 import pandas as pd
 import pytest
 
-from cpwb.evaluate import write_metrics
-from cpwb.files import atomic_write_json, atomic_write_text
-from cpwb.report import (BASELINE_SUFFIX, METRICS, build_report, read_baselines, render_html, tradeoff_figure,
-                         write_report)
+from cpwb.analysis.report import (
+    BASELINE_SUFFIX,
+    METRICS,
+    build_report,
+    read_baselines,
+    render_html,
+    tradeoff_figure,
+    write_report,
+)
+from cpwb.core.files import atomic_write_json, atomic_write_text
+from cpwb.steps.evaluation.metrics import write_metrics
 
 
 def _evaluation(folder, adapter: str, toxicity: float, perplexity: float, group_rates: dict[str, float]) -> None:
-    """A fake evaluation folder as cpwb.evaluation_run writes it."""
+    """A fake evaluation folder as cpwb.steps.evaluation.run writes it."""
     record = {"model": "default", "adapter": adapter, "scorer": "bilstm", "data_hash": "h", "seed": 0}
     rows = [{"metric": "mean_toxicity", "value": toxicity, "protocol": "greedy", "split": "challenging", **record},
             {"metric": "n_prompts", "value": 3, "protocol": "greedy", "split": "challenging", **record},

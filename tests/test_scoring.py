@@ -15,10 +15,16 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cpwb import toxicity_lstm
-from cpwb.errors import AssetError, InputError
-from cpwb.scoring import BiLSTMScorer, SentenceEmbedder, ToxicityScorer, available_scorers, load_toxicity_scorer
-from cpwb.toxicity_lstm import RestrictedUnpickler, load_bilstm
+from cpwb.core.errors import AssetError, InputError
+from cpwb.engine import bilstm as toxicity_lstm
+from cpwb.engine.bilstm import RestrictedUnpickler, load_bilstm
+from cpwb.engine.scoring import (
+    BiLSTMScorer,
+    SentenceEmbedder,
+    ToxicityScorer,
+    available_scorers,
+    load_toxicity_scorer,
+)
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "scoring_reference.json").read_text(encoding="utf-8"))

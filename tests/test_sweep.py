@@ -10,12 +10,20 @@ import nbformat
 import pandas as pd
 import pytest
 
-import cpwb.sweep as sweep_module
-from cpwb.errors import ConfigError
-from cpwb.experiment import QuickEvalConfig
-from cpwb.sweep import POINT_NOTEBOOK, Grid, command, expand, load_grid, run_grid, variant_id
-from cpwb.runner import declared_parameters, ordered_notebooks
-from cpwb.train import TrainConfig
+import cpwb.app.sweep as sweep_module
+from cpwb.app.runner import declared_parameters, ordered_notebooks
+from cpwb.app.sweep import (
+    POINT_NOTEBOOK,
+    Grid,
+    command,
+    expand,
+    load_grid,
+    run_grid,
+    variant_id,
+)
+from cpwb.core.errors import ConfigError
+from cpwb.steps.experiment import QuickEvalConfig
+from cpwb.steps.training.trainer import TrainConfig
 
 # A fake point notebook: writes a result.json like train_and_evaluate's from a few of the injected settings, and
 # fails for objective=negatives_only. Each execution appends its folder to executions.log beside the sweeps.

@@ -7,11 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpwb.config import from_dict
-from cpwb.errors import ConfigError, InputError
-from cpwb.pairs import PairRecord, PairText, write_pairs
-from cpwb.train import (NonFiniteLossError, TrainConfig, anchor_order, build_anchor_batch, latest_checkpoint,
-                        to_slots, train)
+from cpwb.core.config import from_dict
+from cpwb.core.errors import ConfigError, InputError
+from cpwb.data.pairs import PairRecord, PairText, write_pairs
+from cpwb.steps.training.trainer import (
+    NonFiniteLossError,
+    TrainConfig,
+    anchor_order,
+    build_anchor_batch,
+    latest_checkpoint,
+    to_slots,
+    train,
+)
 from tests.conftest import make_tiny_lm
 
 NEUTRAL = ["thanks for the help", "the weather is nice today", "i disagree with this policy", "please stop that",
@@ -53,7 +60,7 @@ def test_bad_settings_fail_naming_the_field(field, value, text):
 
 
 def test_unknown_target_module_fails_before_weights_load(tiny_setup, tmp_path, monkeypatch):
-    import cpwb.train as trainer
+    import cpwb.steps.training.trainer as trainer
 
     monkeypatch.setattr(trainer, "build_model", lambda *a: pytest.fail("model loaded before the check"))
     with pytest.raises(ConfigError, match="unknown module.*qq_proj"):
@@ -125,7 +132,7 @@ def test_resume_reaches_the_same_adapter(tiny_setup, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_setup, tmp_path, monkeypatch):
-    import cpwb.train as trainer
+    import cpwb.steps.training.trainer as trainer
 
     real = trainer.objective_loss
     calls = {"n": 0}
@@ -160,7 +167,7 @@ def test_kl_term_is_zero_at_start_and_logged(tiny_setup, tmp_path, kl_data):
 
 
 def test_an_empty_pairs_file_is_refused_before_weights_load(tmp_path, monkeypatch):
-    import cpwb.train as trainer
+    import cpwb.steps.training.trainer as trainer
 
     monkeypatch.setattr(trainer, "build_model", lambda *a: pytest.fail("model loaded before the check"))
     monkeypatch.setattr(trainer, "check_target_modules", lambda *a: pytest.fail("model resolved before the check"))
@@ -172,8 +179,9 @@ def test_an_empty_pairs_file_is_refused_before_weights_load(tmp_path, monkeypatc
 
 
 def test_a_pairs_file_trains_with_paradetox_and_no_run_trains_on_the_canonical_held_out_pairs(tiny_setup, tmp_path):
-    from cpwb.pairs import paradetox_heldout, read_pairs
-    from cpwb.train import load_training_pairs
+    from cpwb.data.pairs import read_pairs
+    from cpwb.data.paradetox import paradetox_heldout
+    from cpwb.steps.training.trainer import load_training_pairs
 
     reserved = [r.id for r in paradetox_heldout()]
     file_records = list(read_pairs(tiny_setup / "pairs.jsonl"))

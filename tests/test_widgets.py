@@ -1,4 +1,4 @@
-"""The explorers of cpwb.widgets: compare, loss playground, pairs browser, and their static renderings."""
+"""The explorers of cpwb.app.widgets: compare, loss playground, pairs browser, and their static renderings."""
 from __future__ import annotations
 
 import math
@@ -7,14 +7,26 @@ import numpy as np
 import pytest
 import torch
 
-from cpwb.errors import InputError
-from cpwb.generate import generate
-from cpwb.loss import CPLossConfig
-from cpwb.nll import texts_nll
-from cpwb.pairs import PairRecord, PairText, write_pairs
-from cpwb.widgets import (WIDGET_VIEW, CompareExplorer, LossPlayground, PairsBrowser, Side, base_and_cp_sides,
-                          continuation_html, continue_and_score, filter_pairs, first_negative_push, loss_state,
-                          pairs_table, score_records, token_pieces)
+from cpwb.app.widgets import (
+    WIDGET_VIEW,
+    CompareExplorer,
+    LossPlayground,
+    PairsBrowser,
+    continuation_html,
+    continue_and_score,
+    filter_pairs,
+    first_negative_push,
+    loss_state,
+    pairs_table,
+    score_records,
+    token_pieces,
+)
+from cpwb.core.errors import InputError
+from cpwb.data.pairs import PairRecord, PairText, write_pairs
+from cpwb.engine.adapters import Side, base_and_cp_sides
+from cpwb.engine.generate import generate
+from cpwb.engine.loss import CPLossConfig
+from cpwb.engine.nll import texts_nll
 
 
 class KeywordScorer:
@@ -86,7 +98,7 @@ def test_sampling_is_seeded(tiny_lm):
 
 
 def test_continuation_html_escapes_text_and_colours_each_token():
-    from cpwb.widgets import Continuation
+    from cpwb.app.widgets import Continuation
 
     html = continuation_html(Continuation("CP", "<b>x</b> idiot", ("<b>x</b>", " idiot"), (0.5, 9.0), 0.9, 4.75))
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
@@ -209,7 +221,7 @@ def pairs_file(tmp_path):
 
 
 def test_pairs_table_summarises_scores_and_keeps_missing_ones_as_nan(pairs_file):
-    from cpwb.pairs import read_pairs
+    from cpwb.data.pairs import read_pairs
 
     table = pairs_table(read_pairs(pairs_file))
     assert len(table) == 11
@@ -218,7 +230,7 @@ def test_pairs_table_summarises_scores_and_keeps_missing_ones_as_nan(pairs_file)
 
 
 def test_filter_pairs_by_group_and_score_ranges(pairs_file):
-    from cpwb.pairs import read_pairs
+    from cpwb.data.pairs import read_pairs
 
     table = pairs_table(read_pairs(pairs_file))
     assert len(filter_pairs(table)) == 11  # full ranges keep records without scores

@@ -25,7 +25,7 @@ import pytest
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from cpwb.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cpwb.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 TOUR = REPO / "notebooks" / "00_tour.ipynb"
@@ -175,7 +175,10 @@ def _run_all_cells(driver, wait) -> None:
     prompt stays [ ]) or opens a "Select Kernel" dialog; a person would accept the dialog and click again, and so
     does this.
     """
-    from selenium.common.exceptions import ElementClickInterceptedException, TimeoutException
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        TimeoutException,
+    )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait

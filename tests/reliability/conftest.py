@@ -71,7 +71,7 @@ def tiny_model_dir(tmp_path_factory, default_lm) -> Path:
 @pytest.fixture(scope="session")
 def pairs_file(tmp_path_factory) -> Path:
     """test_train's eight ParaDetox-like pairs, two positives and one negative each."""
-    from cpwb.pairs import PairRecord, PairText, write_pairs
+    from cpwb.data.pairs import PairRecord, PairText, write_pairs
     from tests.test_train import NEUTRAL, TOXIC
 
     records = [PairRecord(id=f"p{i}", anchor=n, positives=(PairText(n, "human"), PairText(n + ".", "human")),

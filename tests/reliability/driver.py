@@ -33,8 +33,8 @@ def train_job(args: dict[str, Any]) -> None:
     checkpoint `hang_writing_checkpoint` is being written (its trainer state half on disk)."""
     import torch
 
-    import cpwb.train as trainer
-    from cpwb.config import from_dict
+    import cpwb.steps.training.trainer as trainer
+    from cpwb.core.config import from_dict
 
     config = from_dict(trainer.TrainConfig, args["settings"])
     run_dir = Path(config.output_dir)
@@ -88,7 +88,7 @@ def tiny_generation_models(model_dir: str | Path):
     """Generator and target: the tiny Llama saved in `model_dir`; stand-in scorers. The same in every process."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from cpwb.paraphrase import GenerationModels, TransformersGenerator
+    from cpwb.steps.negatives.run import GenerationModels, TransformersGenerator
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -103,16 +103,16 @@ GENERATION_SETTINGS = dict(n_anchors=8, paraphrases_per_anchor=2, n_examples=2, 
 
 def generation_config(output_dir: str | Path):
     """The small generation run of the tests: 8 ParaDetox anchors in chunks of 2."""
-    from cpwb.config import from_dict
-    from cpwb.paraphrase import GenerateConfig
+    from cpwb.core.config import from_dict
+    from cpwb.steps.negatives.run import GenerateConfig
 
     return from_dict(GenerateConfig, {**GENERATION_SETTINGS, "output_dir": str(output_dir)})
 
 
 def generate_job(args: dict[str, Any]) -> None:
     """Generate hard negatives; hang after `hang_after_anchors` anchors, or half-way through appending a pair line."""
-    import cpwb.pairs
-    from cpwb.paraphrase import run_generation
+    import cpwb.data.pairs
+    from cpwb.steps.negatives.run import run_generation
 
     on_anchor = None
     if "hang_after_anchors" in args:
@@ -130,7 +130,7 @@ def generate_job(args: dict[str, Any]) -> None:
                 handle.write(line[:len(line) // 2])
             hang(args["marker"])
 
-        cpwb.pairs.append_jsonl = torn_append
+        cpwb.data.pairs.append_jsonl = torn_append
     run_generation(generation_config(args["output_dir"]), tiny_generation_models(args["model_dir"]),
                    on_anchor=on_anchor)
 
@@ -140,7 +140,7 @@ def generate_job(args: dict[str, Any]) -> None:
 
 def convert_job(args: dict[str, Any]) -> None:
     """An asset conversion whose build writes half of its weights and hangs."""
-    from cpwb.assets import cached_conversion
+    from cpwb.engine.assets import cached_conversion
 
     def slow_build(out: Path) -> None:
         (out / "weights.bin").write_bytes(b"half of the wei")
@@ -151,7 +151,7 @@ def convert_job(args: dict[str, Any]) -> None:
 
 def write_pairs_job(args: dict[str, Any]) -> None:
     """write_pairs over a stream of records that stops (hangs) after `n` records, as a long export would."""
-    from cpwb.pairs import PairRecord, PairText, write_pairs
+    from cpwb.data.pairs import PairRecord, PairText, write_pairs
 
     def records():
         for i in range(args["n"]):
@@ -177,18 +177,18 @@ def _memory_kib() -> dict[str, int]:
 
 def load_job(args: dict[str, Any]) -> None:
     """Score or compute NLL for `n` texts with progress; write RSS before and the peak during the work (KiB)."""
-    from cpwb.data import load_paradetox
+    from cpwb.data.corpora import load_paradetox
 
     texts = [t for row in load_paradetox() for t in (row.toxic, *row.neutrals)]
     texts = (texts * (args["n"] // len(texts) + 1))[:args["n"]]
     if args["what"] == "score":
-        from cpwb.scoring import load_toxicity_scorer
+        from cpwb.engine.scoring import load_toxicity_scorer
 
         scorer = load_toxicity_scorer()
         work = lambda: scorer.score(texts, progress=True)  # noqa: E731
     else:
-        from cpwb.assets import load_causal_lm, load_tokenizer
-        from cpwb.nll import texts_nll
+        from cpwb.engine.assets import load_causal_lm, load_tokenizer
+        from cpwb.engine.nll import texts_nll
 
         model, tokenizer = load_causal_lm(args["model"]), load_tokenizer(args["model"])
         work = lambda: texts_nll(model, tokenizer, texts, batch_size=16, max_length=64, progress=True).phi  # noqa: E731

@@ -1,7 +1,7 @@
 """Bad input: every case is refused with one short line naming file, line and field, and nothing is written.
 
 Pairs files go through every consumer (the validator, `cpwb validate-pairs`, the streaming reader and training);
-configs through `cpwb train|generate|run` and the sweep; notebook parameters through cpwb.runner. tests/test_pairs.py
+configs through `cpwb train|generate|run` and the sweep; notebook parameters through cpwb.app.runner. tests/test_pairs.py
 holds the reader's own unit cases; they are replayed here through the consumers, with more cases added.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ import nbformat
 import pytest
 import yaml
 
-from cpwb.cli import main as cpwb
-from cpwb.config import from_dict
-from cpwb.errors import AssetError, ConfigError, InputError
-from cpwb.pairs import read_pairs, validate_pairs_file
-from cpwb.runner import RunConfig, run_notebooks
-from cpwb.train import TrainConfig, train
+from cpwb.app.cli import main as cpwb
+from cpwb.app.runner import RunConfig, run_notebooks
+from cpwb.core.config import from_dict
+from cpwb.core.errors import AssetError, ConfigError, InputError
+from cpwb.data.pairs import read_pairs, validate_pairs_file
+from cpwb.steps.training.trainer import TrainConfig, train
 from tests.test_pairs import CASES as READER_CASES
 from tests.test_pairs import good, write_lines
 
@@ -216,7 +216,7 @@ def test_unknown_model_lists_the_embedded_defaults_in_one_line_and_writes_nothin
 
 @pytest.mark.bad_input
 def test_unknown_model_message_is_one_line_from_the_library_too():
-    from cpwb.assets import load_tokenizer
+    from cpwb.engine.assets import load_tokenizer
 
     with pytest.raises(AssetError) as error:
         load_tokenizer("no-such-org/no-such-model")
@@ -302,7 +302,7 @@ GRID_CASES = {
 @pytest.mark.bad_input
 @pytest.mark.parametrize("changes, field, message", GRID_CASES.values(), ids=GRID_CASES.keys())
 def test_bad_grid_point_is_refused_before_any_point_runs(tmp_path, changes, field, message):
-    from cpwb.sweep import load_grid
+    from cpwb.app.sweep import load_grid
 
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"name": "g", **changes}))

@@ -2,7 +2,7 @@
 
 Each job runs in its own process group (tests/reliability/driver.py or the `cpwb` CLI), reaches a known point,
 announces it with a marker file and is killed with SIGKILL there; the test then resumes and compares with an
-uninterrupted run. A static scan checks that every writer in cpwb goes through cpwb.files' atomic helpers.
+uninterrupted run. A static scan checks that every writer in cpwb goes through cpwb.core.files' atomic helpers.
 """
 from __future__ import annotations
 
@@ -15,17 +15,22 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from cpwb import assets
-from cpwb.config import from_dict
-from cpwb.files import sha256_file
-from cpwb.pairs import PairRecord, PairText, read_pairs, validate_pairs_file, write_pairs
-from cpwb.paraphrase import LOG_FILE, PAIRS_FILE, load_anchors, run_generation
-from cpwb.runner import RunConfig, run_notebooks
-from cpwb.train import TrainConfig, latest_checkpoint, train
+from cpwb.app.runner import RunConfig, run_notebooks
+from cpwb.core.config import from_dict
+from cpwb.core.files import sha256_file
+from cpwb.data.pairs import (
+    PairRecord,
+    PairText,
+    read_pairs,
+    validate_pairs_file,
+    write_pairs,
+)
+from cpwb.engine import assets
+from cpwb.steps.negatives.run import LOG_FILE, PAIRS_FILE, load_anchors, run_generation
+from cpwb.steps.training.trainer import TrainConfig, latest_checkpoint, train
 from tests.reliability.driver import generation_config, tiny_generation_models
 from tests.reliability.jobs import job_args, train_settings
 from tests.reliability.source_scan import constant, package_calls
-
 
 # ------------------------------------------------------------------------------------------------ training
 
@@ -118,7 +123,7 @@ def test_sweep_killed_mid_notebook_keeps_finished_notebooks_and_redoes_the_kille
     settings = {"notebook_dir": str(books), "output_root": str(tmp_path / "out"), "run_id": "sweep"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
     run_dir = tmp_path / "out" / "sweep"
-    job = start_job("run", "--config", str(tmp_path / "run.yaml"), module="cpwb.cli")
+    job = start_job("run", "--config", str(tmp_path / "run.yaml"), module="cpwb.app.cli")
     job.wait_for(run_dir / "started")
     job.kill()  # the CLI and its kernel, mid-notebook
     record = json.loads((run_dir / "run.json").read_text())
@@ -133,7 +138,7 @@ def test_sweep_killed_mid_notebook_keeps_finished_notebooks_and_redoes_the_kille
 
 @pytest.mark.fault
 def test_grid_sweep_killed_mid_point_keeps_finished_points_and_redoes_the_killed_one(tmp_path, start_job):
-    from cpwb.sweep import load_grid, run_grid
+    from cpwb.app.sweep import load_grid, run_grid
 
     point = nbformat.v4.new_notebook()  # a stand-in for the train-and-evaluate point notebook
     point.cells = [nbformat.v4.new_code_cell("output_dir = ''\ntau = 0.5", metadata={"tags": ["parameters"]}),
@@ -149,7 +154,7 @@ def test_grid_sweep_killed_mid_point_keeps_finished_points_and_redoes_the_killed
     grid_file.write_text(yaml.safe_dump({"name": "g", "notebook": str(tmp_path / "point.ipynb"),
                                          "one_at_a_time": {"tau": [0.1, 0.2]}}))
     out = tmp_path / "out"
-    job = start_job(str(grid_file), "--output-root", str(out), module="cpwb.sweep")
+    job = start_job(str(grid_file), "--output-root", str(out), module="cpwb.app.sweep")
     job.wait_for(out / "g" / "started")
     job.kill()
     assert (out / "g" / "base__seed=0" / "result.json").is_file()
@@ -270,5 +275,5 @@ def test_every_writer_in_cpwb_goes_through_the_atomic_helper():
     direct = [c for c in writers if not c.in_atomic_block]
     assert len(writers) - len(direct) >= 5  # the scan sees the writes inside atomic_path blocks
     offenders = [c.where for c in direct if (c.module, c.function) not in ATOMIC_EXCEPTIONS]
-    assert offenders == [], "write through cpwb.files (atomic_path / atomic_write_*), or justify the exception"
+    assert offenders == [], "write through cpwb.core.files (atomic_path / atomic_write_*), or justify the exception"
     assert set(ATOMIC_EXCEPTIONS) == {(c.module, c.function) for c in direct}, "stale exceptions"

@@ -12,11 +12,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpwb.config import from_dict
-from cpwb.loss import (CPLossConfig, cp_loss, dpo_loss, negatives_only_loss, positives_only_loss, reference_cp_loss,
-                       simpo_loss, token_unlikelihood)
-from cpwb.nll import encode, sequence_nll
-from cpwb.train import NonFiniteLossError, TrainConfig, latest_checkpoint, train
+from cpwb.core.config import from_dict
+from cpwb.engine.loss import (
+    CPLossConfig,
+    cp_loss,
+    dpo_loss,
+    negatives_only_loss,
+    positives_only_loss,
+    reference_cp_loss,
+    simpo_loss,
+    token_unlikelihood,
+)
+from cpwb.engine.nll import encode, sequence_nll
+from cpwb.steps.training.trainer import (
+    NonFiniteLossError,
+    TrainConfig,
+    latest_checkpoint,
+    train,
+)
 from tests.reliability.jobs import train_settings
 
 PHIS = [0.0, 1e-3, 0.5, 2.0, 10.0, 25.0, 50.0]
@@ -139,7 +152,7 @@ def test_bf16_model_gives_finite_phi_loss_and_gradients(fresh_tiny_lm):
 
 def poison_embeddings(monkeypatch, run_dir, after_checkpoint: int) -> None:
     """Make the input embeddings NaN in every forward pass once checkpoint `after_checkpoint` exists."""
-    import cpwb.train as trainer
+    import cpwb.steps.training.trainer as trainer
 
     real, wanted = trainer.build_model, f"step-{after_checkpoint:06d}"
 
@@ -157,7 +170,7 @@ def poison_embeddings(monkeypatch, run_dir, after_checkpoint: int) -> None:
 
 def poison_loss(monkeypatch, step: int, poison) -> None:
     """Replace the loss of optimizer step `step` (one objective call per step) by `poison(loss)`."""
-    import cpwb.train as trainer
+    import cpwb.steps.training.trainer as trainer
 
     real, calls = trainer.objective_loss, []
 

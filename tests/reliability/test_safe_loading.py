@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpwb.assets import load_causal_lm, load_tokenizer, refuse_remote_code
-from cpwb.config import from_dict
-from cpwb.errors import AssetError, CpwbError
-from cpwb.scoring import SentenceEmbedder
-from cpwb.train import TrainConfig, load_adapter, train
+from cpwb.core.config import from_dict
+from cpwb.core.errors import AssetError, CpwbError
+from cpwb.engine.adapters import load_adapter
+from cpwb.engine.assets import load_causal_lm, load_tokenizer, refuse_remote_code
+from cpwb.engine.scoring import SentenceEmbedder
+from cpwb.steps.training.trainer import TrainConfig, train
 from tests.reliability.jobs import REPO, train_settings
 from tests.reliability.source_scan import constant, package_calls
 
@@ -139,7 +140,7 @@ def test_no_unsafe_deserialisation_in_cpwb_source():
 def test_the_conversion_time_unpickler_admits_only_tokenizer_classes(tmp_path):
     import pickle
 
-    from cpwb.toxicity_lstm import read_tokenizer_pickle
+    from cpwb.engine.bilstm import read_tokenizer_pickle
 
     marker = tmp_path / "unpickled"
     (tmp_path / "tokenizer.pickle").write_bytes(pickle.dumps(Payload(marker)))

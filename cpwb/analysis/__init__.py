@@ -1,0 +1,1 @@
+"""Analysis of the steps' outputs: phi distributions, embeddings, ablation tables, report, figures."""

@@ -1,0 +1,1 @@
+"""The application: the `cpwb` command, the notebook runner, sweeps, widgets and benchmarks."""

@@ -1,0 +1,175 @@
+"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, evaluate, sweep, bench."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cpwb.core.errors import CpwbError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """`-p key=value` options as a dict."""
+    from cpwb.core.config import parse_override
+
+    return dict(parse_override(p) for p in pairs)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Execute the ordered notebooks with papermill into outputs/<run-id>/."""
+    from cpwb.app.runner import RunConfig, raise_on_failure, run_notebooks
+    from cpwb.core.config import from_dict, load_yaml_config
+
+    extra = {"notebooks": args.notebooks.split(",")} if args.notebooks else {}
+    extra |= {"run_id": args.run_id} if args.run_id else {}
+    extra |= {"force": True} if args.force else {}
+    if args.config:
+        config = load_yaml_config(RunConfig, args.config, extra)
+    else:
+        config = from_dict(RunConfig, extra)
+    config.parameters = {**config.parameters, **_overrides(args.param)}
+    config.progress = not args.quiet
+    started = time.time()
+    run_dir, results = run_notebooks(config, say=lambda line: print(line, flush=True))
+    raise_on_failure(results)
+    report = run_dir / "report.html"
+    print(f"run folder: {run_dir}" + (f"\nreport: {report}" if report.is_file() else "")
+          + f"\ntotal: {time.time() - started:.0f} s")
+    return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    """List the embedded default assets with origin, license and checksum."""
+    from cpwb.engine.assets import asset_table, cache_dir
+
+    for row in asset_table(with_checksums=not args.no_checksums):
+        print(f"{row['name']}\n  role:    {row['role']}\n  package: {row['package']}\n"
+              f"  origin:  {row['origin']}\n  license: {row['license']}\n  file:    {row['file']}\n"
+              f"  sha256:  {row['sha256']}")
+    print(f"cache: {cache_dir()}")
+    return 0
+
+
+def cmd_validate_pairs(args: argparse.Namespace) -> int:
+    """Check a pairs JSONL file, printing one line per problem."""
+    from cpwb.data.pairs import validate_pairs_file
+
+    problems = validate_pairs_file(Path(args.path))
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"{args.path}: ok")
+    return 1 if problems else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a CP adapter from a YAML config (see cpwb.steps.training.trainer)."""
+    from cpwb.core.config import load_yaml_config
+    from cpwb.steps.training.trainer import TrainConfig, train
+
+    result = train(load_yaml_config(TrainConfig, args.config, _overrides(args.param)), resume=args.resume)
+    print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate hard negatives by adversarial paraphrasing from a YAML config; re-running resumes."""
+    from cpwb.core.config import load_yaml_config
+    from cpwb.steps.negatives.run import GenerateConfig, describe_run, run_generation
+
+    config = load_yaml_config(GenerateConfig, args.config, _overrides(args.param))
+    run_generation(config)
+    print(describe_run(config.output_dir))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model (and adapter) on the configured protocols into output_dir; re-running resumes."""
+    from cpwb.core.config import load_yaml_config
+    from cpwb.steps.evaluation.run import EvaluateConfig, describe, run_evaluation
+
+    config = load_yaml_config(EvaluateConfig, args.config, _overrides(args.param))
+    print(describe(run_evaluation(config)))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a parameter grid of train-and-evaluate points into outputs/sweeps/<name>/ (see cpwb.app.sweep)."""
+    from cpwb.app.sweep import command
+
+    return command(args)
+
+
+def _configured(sub, name: str, help_text: str, config_help: str, func) -> argparse.ArgumentParser:
+    """A sub-command taking `--config FILE` and repeatable `-p key=value` overrides."""
+    command = sub.add_parser(name, help=help_text)
+    command.add_argument("--config", required=True, help=config_help)
+    command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, value read as YAML (repeatable)")
+    command.set_defaults(func=func)
+    return command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per capability."""
+    parser = argparse.ArgumentParser(prog="cpwb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the notebooks with papermill into outputs/<run-id>/")
+    run.add_argument("--config", help="YAML file of RunConfig settings")
+    run.add_argument("--notebooks", help="comma-separated notebook names or numbers (default: all, in order)")
+    run.add_argument("--run-id", help="folder name under outputs/ (default: derived, so a re-run resumes)")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="notebook parameter, value read as YAML (repeatable)")
+    run.add_argument("--force", action="store_true", help="re-execute notebooks already completed")
+    run.add_argument("--quiet", action="store_true", help="no progress bar over each notebook's cells")
+    run.set_defaults(func=cmd_run)
+
+    assets = sub.add_parser("assets", help="list the embedded default assets with license and checksum")
+    assets.add_argument("--no-checksums", action="store_true", help="skip hashing the files")
+    assets.set_defaults(func=cmd_assets)
+
+    validate = sub.add_parser("validate-pairs", help="check a pairs JSONL file, one line per problem")
+    validate.add_argument("path")
+    validate.set_defaults(func=cmd_validate_pairs)
+    _configured(sub, "generate", "hard negatives by adversarial paraphrasing into a pairs file",
+                "YAML file of GenerateConfig settings (see configs/)", cmd_generate)
+    trainer = _configured(sub, "train", "train a CP (or baseline) LoRA adapter from a YAML config",
+                          "YAML file of TrainConfig settings (see configs/)", cmd_train)
+    trainer.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    _configured(sub, "evaluate", "evaluation protocols (RTP, ToxiGen, WikiText-2, HellaSwag, PIQA, ...)",
+                "YAML file of EvaluateConfig settings (see configs/)", cmd_evaluate)
+
+    sweeper = sub.add_parser("sweep", help="run a parameter grid (points through papermill) into one results.csv")
+    sweeper.add_argument("grid", help="grid YAML file (see configs/ablations.yaml)")
+    sweeper.add_argument("--only", metavar="PATTERN", action="append",
+                         help="run only points whose id contains PATTERN (wildcards ok; repeat for several)")
+    sweeper.add_argument("--dry-run", action="store_true", help="list the points and their count, run nothing")
+    sweeper.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own kernel (default 1)")
+    sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
+    sweeper.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a base setting of every point, value read as YAML (repeatable)")
+    sweeper.set_defaults(func=cmd_sweep)
+
+    sub.add_parser("bench", help="time the CP training step, naive vs cpwb path; `cpwb bench --help` for options")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command, turning cpwb's own errors into one clear line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are cpwb.app.bench's own
+        from cpwb.app.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CpwbError as err:
+        print(f"cpwb {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

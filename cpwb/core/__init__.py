@@ -1,0 +1,1 @@
+"""The core: errors, atomic files, typed settings, provenance, statistics. No torch."""

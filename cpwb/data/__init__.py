@@ -1,0 +1,1 @@
+"""Data: the shipped corpora and the pairs schema. No torch."""

@@ -1,0 +1,1 @@
+"""The LM engine: assets, per-sequence NLL, losses, generation, scorers, devices and adapters."""

@@ -1,0 +1,1 @@
+"""The steps a researcher runs: hard negatives, training, evaluation."""

@@ -1,0 +1,1 @@
+"""Evaluation protocols and the `cpwb evaluate` run (notebooks 03 and 06)."""

@@ -1,0 +1,124 @@
+"""Train-then-evaluate one configuration against its base model, on fixed held-out data: the unit of comparison.
+
+The quick evaluation measures what the CP-core claims are about: the held-out phi gap (toxic minus neutral
+paraphrase), greedy continuation toxicity on RealToxicityPrompts' challenging prompts, the MiniLM similarity of
+each prompt and its continuation, and WikiText-2 perplexity on a fixed window subset. The base model's figures
+are cached per (model, evaluation settings), so every method and seed is compared with the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cpwb.core.config import require
+from cpwb.core.files import atomic_write_json
+from cpwb.core.provenance import digest, versions
+from cpwb.engine.device import device_name
+from cpwb.steps.training.trainer import TrainConfig, load_training_pairs, train
+
+QUICK_EVAL_METRICS = ("phi_gap", "greedy_toxicity", "similarity", "wikitext2_ppl")  # in the cache key of base figures
+
+
+@dataclass
+class QuickEvalConfig:
+    """Sizes of the quick evaluation (CPU-friendly defaults)."""
+
+    heldout_pairs: int = 200
+    rtp_prompts: int = 200
+    max_new_tokens: int = 20
+    wikitext_windows: int = 24
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("heldout_pairs", "rtp_prompts", "max_new_tokens", "wikitext_windows", "batch_size"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+
+
+def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=None, embedder=None,
+               progress: bool = False) -> dict[str, Any]:
+    """Held-out phi gap, greedy RTP-challenging continuation toxicity, prompt/continuation MiniLM similarity and
+    WikiText-2 perplexity of one model."""
+    from cpwb.data.corpora import load_rtp
+    from cpwb.engine.scoring import SentenceEmbedder, load_toxicity_scorer
+    from cpwb.steps.evaluation.metrics import (
+        continuation_similarity,
+        greedy_toxicity_rate,
+        phi_gap,
+        wikitext2_perplexity,
+    )
+
+    scorer = scorer or load_toxicity_scorer()
+    embedder = embedder or SentenceEmbedder.from_pretrained()
+    pairs = heldout[:config.heldout_pairs]
+    gap = phi_gap(model, tokenizer, [p.negatives[0].text for p in pairs], [p.positives[0].text for p in pairs],
+                  batch_size=config.batch_size, progress=progress)
+    prompts = [p.text for p in load_rtp("challenging", limit=config.rtp_prompts)]
+    toxicity = greedy_toxicity_rate(model, tokenizer, scorer, prompts, max_new_tokens=config.max_new_tokens,
+                                    batch_size=config.batch_size, progress=progress)
+    similarity = continuation_similarity(embedder, prompts, toxicity["continuations"])
+    fluency = wikitext2_perplexity(model, tokenizer, max_windows=config.wikitext_windows, progress=progress)
+    return {"phi_gap": gap["mean_gap"], "phi_gap_share_positive": gap["share_positive"],
+            "phi_toxic": float(gap["phi_toxic"].mean()), "phi_neutral": float(gap["phi_neutral"].mean()),
+            "greedy_toxicity": toxicity["mean_toxicity"], "greedy_toxic_rate": toxicity["toxic_rate"],
+            "similarity": float(similarity.mean()),
+            "wikitext2_ppl": fluency["perplexity"], "wikitext2_tokens": fluency["n_scored_tokens"],
+            "examples": list(zip(prompts[:5], toxicity["continuations"][:5])),
+            "continuations": toxicity["continuations"]}
+
+
+def _eval_key(train_config: TrainConfig, eval_config: QuickEvalConfig) -> str:
+    """What the base figures depend on: model, data and evaluation sizes."""
+    fields = {k: getattr(train_config, k) for k in ("model", "pairs", "paradetox_limit", "normalize_text",
+                                                      "holdout_fraction")}
+    if train_config.with_paradetox:  # only when set, so the keys of earlier cached figures stay valid
+        fields["with_paradetox"] = True
+    return digest({**fields, **asdict(eval_config), "metrics": QUICK_EVAL_METRICS}, 12)
+
+
+def base_eval(train_config: TrainConfig, eval_config: QuickEvalConfig, cache_root: str | Path = "outputs/base-eval",
+              progress: bool = False) -> dict[str, Any]:
+    """The base model's quick evaluation, computed once per (model, data, evaluation settings) and cached."""
+    from cpwb.engine.assets import load_causal_lm, load_tokenizer
+
+    path = Path(cache_root) / f"{_eval_key(train_config, eval_config)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    _, heldout, _ = load_training_pairs(train_config)
+    model = load_causal_lm(train_config.model, trust_remote_code=train_config.trust_remote_code)
+    tokenizer = load_tokenizer(train_config.model, trust_remote_code=train_config.trust_remote_code)
+    result = quick_eval(model, tokenizer, heldout, eval_config, progress=progress)
+    atomic_write_json(path, result)
+    return result
+
+
+def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig | None = None,
+                       resume: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Train one configuration (resuming if interrupted), evaluate it and its base, write `result.json`."""
+    eval_config = eval_config or QuickEvalConfig()
+    run_dir = Path(train_config.output_dir)
+    done = run_dir / "result.json"
+    if resume and done.is_file():
+        return json.loads(done.read_text())
+    code = versions()  # taken before training: the checkout may change while a long point runs
+    base = base_eval(train_config, eval_config, progress=progress)
+    result = train(train_config, resume=resume)
+    model = result.model.eval()
+    started = time.perf_counter()
+    trained = quick_eval(model, result.tokenizer, result.heldout, eval_config, progress=progress)
+    evaluate_seconds = time.perf_counter() - started
+    steps = result.metrics
+    summary = {
+        "config": asdict(train_config), "eval": asdict(eval_config), "base": base, "trained": trained,
+        "train_seconds": sum(m["step_seconds"] for m in steps),  # time in training steps, resumed runs included
+        "evaluate_seconds": evaluate_seconds,  # the trained model's quick evaluation
+        "step_seconds_median": sorted(m["step_seconds"] for m in steps)[len(steps) // 2] if steps else None,
+        "peak_memory_mb": max((m["peak_memory_mb"] for m in steps), default=None),
+        "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,
+        "ppl_change": trained["wikitext2_ppl"] / base["wikitext2_ppl"] - 1,
+        "device": device_name(), "versions": code,  # where and with which code (git commit) it ran
+    }
+    atomic_write_json(done, summary)
+    return summary

@@ -1,0 +1,1 @@
+"""Hard negatives by adversarial paraphrasing (notebook 01, `cpwb generate`)."""

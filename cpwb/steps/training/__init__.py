@@ -1,0 +1,1 @@
+"""CP training and its baselines (notebook 02, `cpwb train`)."""
