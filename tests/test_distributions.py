@@ -15,9 +15,9 @@ from cpwb.analysis.distributions import (
     group_violin_figure,
     histogram_figure,
     ks_statistic,
+    phi_separation,
     phi_table,
     roc_auc,
-    separation,
     separation_table,
     token_nll_html,
     toxigen_texts,
@@ -53,11 +53,11 @@ def test_ks_statistic_known_answers():
 
 
 def test_separation_and_its_table():
-    result = separation([5.0, 6.0, 3.0, 4.0], [TOXIC, TOXIC, NON_TOXIC, NON_TOXIC])
+    result = phi_separation([5.0, 6.0, 3.0, 4.0], [TOXIC, TOXIC, NON_TOXIC, NON_TOXIC])
     assert result["roc_auc"] == 1.0 and result["ks"] == 1.0 and result["mean_gap"] == pytest.approx(2.0)
     assert result["n_toxic"] == result["n_non_toxic"] == 2
     with pytest.raises(InputError, match="labels"):
-        separation([1.0], ["hate"])
+        phi_separation([1.0], ["hate"])
     table = pd.DataFrame({"source": ["a"] * 4 + ["b"] * 2, "model": ["base", "base", "CP", "CP", "base", "base"],
                           "label": [TOXIC, NON_TOXIC] * 3, "phi": [1.0, 2.0, 3.0, 2.0, 1.0, 1.0]})
     stats = separation_table(table).set_index(["source", "model"])

@@ -17,8 +17,8 @@ from cpwb.analysis.embeddings import (
     project,
     projection_figure,
     resolve_layers,
-    separation,
     silhouette,
+    space_separation,
 )
 from cpwb.core.errors import InputError
 from cpwb.data.pairs import NON_TOXIC, TOXIC, PairRecord, PairText, pair_texts
@@ -154,7 +154,7 @@ def test_layer_sweep_rows_and_figure():
     sweep = layer_sweep({"base": {0: near, 1: far}, "CP": {0: far, 1: far}}, labels, groups)
     assert sweep[["model", "layer"]].values.tolist() == [["base", 0], ["base", 1], ["CP", 0], ["CP", 1]]
     assert sweep.probe_accuracy[2] > sweep.probe_accuracy[0]
-    figure = layer_sweep_figure(sweep, separation(near, labels, groups))
+    figure = layer_sweep_figure(sweep, space_separation(near, labels, groups))
     assert [t.name for t in figure.data] == ["base", "CP", "base", "CP"]
 
 

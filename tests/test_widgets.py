@@ -7,19 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from cpwb.analysis.views import continuation_html, token_pieces
 from cpwb.app.widgets import (
     WIDGET_VIEW,
     CompareExplorer,
     LossPlayground,
     PairsBrowser,
-    continuation_html,
     continue_and_score,
     filter_pairs,
     first_negative_push,
     loss_state,
     pairs_table,
     score_records,
-    token_pieces,
 )
 from cpwb.core.errors import InputError
 from cpwb.data.pairs import PairRecord, PairText, write_pairs
@@ -98,7 +97,7 @@ def test_sampling_is_seeded(tiny_lm):
 
 
 def test_continuation_html_escapes_text_and_colours_each_token():
-    from cpwb.app.widgets import Continuation
+    from cpwb.analysis.views import Continuation
 
     html = continuation_html(Continuation("CP", "<b>x</b> idiot", ("<b>x</b>", " idiot"), (0.5, 9.0), 0.9, 4.75))
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html

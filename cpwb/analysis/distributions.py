@@ -16,7 +16,12 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from cpwb.analysis.plots import LABEL_COLOURS
-from cpwb.app.widgets import NLL_LEGEND, Continuation, continuation_html, token_pieces
+from cpwb.analysis.views import (
+    NLL_LEGEND,
+    Continuation,
+    continuation_html,
+    token_pieces,
+)
 from cpwb.core.errors import InputError
 from cpwb.data.corpora import load_toxigen_seeds
 from cpwb.data.pairs import NON_TOXIC, TOXIC
@@ -54,28 +59,27 @@ def phi_table(sides: Sequence[Side], tokenizer, texts: pd.DataFrame, batch_size:
 
 
 def roc_auc(scores: Sequence[float], is_positive: Sequence[bool]) -> float:
-    """P(score of a random positive > that of a random negative), ties counting half (Mann-Whitney); NaN if a
-    class is empty."""
-    scores, is_positive = np.asarray(scores, dtype=float), np.asarray(is_positive, dtype=bool)
-    positives, negatives = scores[is_positive], scores[~is_positive]
-    if not len(positives) or not len(negatives):
+    """P(score of a random positive > that of a random negative), ties counting half (scikit-learn's ROC AUC); NaN
+    if a class is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    is_positive = np.asarray(is_positive, dtype=bool)
+    if is_positive.all() or not is_positive.any():
         return float("nan")
-    ranks = pd.Series(np.concatenate([positives, negatives])).rank(method="average").to_numpy()[:len(positives)]
-    return float((ranks.sum() - len(positives) * (len(positives) + 1) / 2) / (len(positives) * len(negatives)))
+    return float(roc_auc_score(is_positive, np.asarray(scores, dtype=float)))
 
 
 def ks_statistic(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs (NaN if one is
+    """Two-sample Kolmogorov-Smirnov statistic (scipy): the largest gap between the two empirical CDFs (NaN if one is
     empty)."""
-    a, b = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
+    from scipy.stats import ks_2samp
+
     if not len(a) or not len(b):
         return float("nan")
-    grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a)
-                               - np.searchsorted(b, grid, side="right") / len(b))))
+    return float(ks_2samp(np.asarray(a, dtype=float), np.asarray(b, dtype=float)).statistic)
 
 
-def separation(phi: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
+def phi_separation(phi: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
     """How well phi tells toxic from non-toxic texts: ROC AUC, KS statistic, mean gap and the counts."""
     phi, toxic = np.asarray(phi, dtype=float), np.asarray(labels) == TOXIC
     unknown = set(np.asarray(labels)) - {TOXIC, NON_TOXIC}
@@ -90,7 +94,7 @@ def separation(phi: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
 
 def separation_table(table: pd.DataFrame, by: Sequence[str] = ("source", "model")) -> pd.DataFrame:
     """`separation` of each group of the long table (by default per source and model), one row each."""
-    rows = [{**dict(zip(by, key if isinstance(key, tuple) else (key,))), **separation(part.phi, part.label)}
+    rows = [{**dict(zip(by, key if isinstance(key, tuple) else (key,))), **phi_separation(part.phi, part.label)}
             for key, part in table.groupby(list(by), sort=False)]
     return pd.DataFrame(rows)
 

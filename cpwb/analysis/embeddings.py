@@ -293,8 +293,8 @@ def probe_scores(embeddings: np.ndarray, labels: Sequence[str], groups: Sequence
                            cv=splitter, scoring="balanced_accuracy")
 
 
-def separation(embeddings: np.ndarray, labels: Sequence[str], groups: Sequence[str] | None = None, folds: int = 5,
-               seed: int = 0) -> dict[str, float]:
+def space_separation(embeddings: np.ndarray, labels: Sequence[str], groups: Sequence[str] | None = None,
+                     folds: int = 5, seed: int = 0) -> dict[str, float]:
     """Silhouette, and the probe's mean accuracy with its spread over folds (std), of one embedding space."""
     scores = probe_scores(embeddings, labels, groups, folds, seed)
     return {"silhouette": silhouette(embeddings, labels), "probe_accuracy": float(scores.mean()),
@@ -306,7 +306,7 @@ def layer_sweep(spaces: Mapping[str, Mapping[int, np.ndarray]], labels: Sequence
                 progress: bool = False) -> pd.DataFrame:
     """Separation of every layer of every model: columns model, layer, silhouette, probe_accuracy, probe_std."""
     jobs = [(name, layer, array) for name, by_layer in spaces.items() for layer, array in sorted(by_layer.items())]
-    return pd.DataFrame([{"model": name, "layer": layer, **separation(array, labels, groups, folds, seed)}
+    return pd.DataFrame([{"model": name, "layer": layer, **space_separation(array, labels, groups, folds, seed)}
                          for name, layer, array in tqdm(jobs, desc="layer sweep", disable=not progress)])
 
 
