@@ -12,7 +12,7 @@ import json
 
 from cpwb.core.config import load_yaml_config, parse_override
 from cpwb.steps.experiment import train_and_evaluate
-from cpwb.steps.training.trainer import TrainConfig
+from cpwb.steps.training.config import TrainConfig
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from cpwb.app.sweep import (
 )
 from cpwb.core.errors import ConfigError
 from cpwb.steps.experiment import QuickEvalConfig
-from cpwb.steps.training.trainer import TrainConfig
+from cpwb.steps.training.config import TrainConfig
 
 # A fake point notebook: writes a result.json like train_and_evaluate's from a few of the injected settings, and
 # fails for objective=negatives_only. Each execution appends its folder to executions.log beside the sweeps.

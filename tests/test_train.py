@@ -10,15 +10,11 @@ from safetensors.torch import load_file
 from cpwb.core.config import from_dict
 from cpwb.core.errors import ConfigError, InputError
 from cpwb.data.pairs import PairRecord, PairText, write_pairs
-from cpwb.steps.training.trainer import (
-    NonFiniteLossError,
-    TrainConfig,
-    anchor_order,
-    build_anchor_batch,
-    latest_checkpoint,
-    to_slots,
-    train,
-)
+from cpwb.steps.training.trainer import NonFiniteLossError, train
+from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.batches import anchor_order, build_anchor_batch
+from cpwb.steps.training.checkpoints import latest_checkpoint
+from cpwb.steps.training.objective import to_slots
 from tests.conftest import make_tiny_lm
 
 NEUTRAL = ["thanks for the help", "the weather is nice today", "i disagree with this policy", "please stop that",
@@ -181,7 +177,7 @@ def test_an_empty_pairs_file_is_refused_before_weights_load(tmp_path, monkeypatc
 def test_a_pairs_file_trains_with_paradetox_and_no_run_trains_on_the_canonical_held_out_pairs(tiny_setup, tmp_path):
     from cpwb.data.pairs import read_pairs
     from cpwb.data.paradetox import paradetox_heldout
-    from cpwb.steps.training.trainer import load_training_pairs
+    from cpwb.steps.training.batches import load_training_pairs
 
     reserved = [r.id for r in paradetox_heldout()]
     file_records = list(read_pairs(tiny_setup / "pairs.jsonl"))

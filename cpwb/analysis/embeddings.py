@@ -414,7 +414,8 @@ def adapter_run(adapter: str, run_dir: str | Path, model: str = "default", steps
     import yaml
 
     from cpwb.data.paradetox import paradetox_heldout
-    from cpwb.steps.training.trainer import TrainConfig, train
+    from cpwb.steps.training.trainer import train
+    from cpwb.steps.training.config import TrainConfig
 
     adapter_dir = Path(adapter) if adapter else Path(run_dir) / "train" / "adapter"
     if adapter and not (adapter_dir / "adapter_config.json").is_file():

@@ -66,7 +66,8 @@ def cmd_validate_pairs(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a CP adapter from a YAML config (see cpwb.steps.training.trainer)."""
     from cpwb.core.config import load_yaml_config
-    from cpwb.steps.training.trainer import TrainConfig, train
+    from cpwb.steps.training.trainer import train
+    from cpwb.steps.training.config import TrainConfig
 
     result = train(load_yaml_config(TrainConfig, args.config, _overrides(args.param)), resume=args.resume)
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")

@@ -6,6 +6,7 @@ wrong types, then the dataclass's own `__post_init__` checks ranges; every error
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -117,3 +118,37 @@ def require(condition: bool, field: str, message: str) -> None:
     """Raise a ConfigError for `field` unless `condition` holds (used in __post_init__ range checks)."""
     if not condition:
         raise ConfigError(message, field=field)
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = (),
+                     common_only: bool = False) -> list[str]:
+    """The settings whose values differ between two records of a run, sorted; `ignore` never counts.
+
+    `common_only` compares only the settings both records hold (a result recorded before a setting existed
+    still matches); otherwise a setting present in one record only counts as changed.
+    """
+    keys = (before.keys() & now.keys()) if common_only else (before.keys() | now.keys())
+    return sorted(k for k in keys if k not in ignore
+                  and json.dumps(before.get(k), sort_keys=True, default=str)
+                  != json.dumps(now.get(k), sort_keys=True, default=str))
+
+
+def require_same_settings(saved: str | Path, now: dict[str, Any], ignore: tuple[str, ...] = ("progress", "output_dir"),
+                          what: str = "a run") -> None:
+    """Refuse to resume a folder started with other settings (recorded in the YAML file `saved`; moved is fine).
+
+    One line names the folder and every setting that differs; a missing file means a new folder.
+    """
+    saved = Path(saved)
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    changed = changed_settings(before, now, ignore)
+    if changed:
+        raise ConfigError(f"{saved.parent} holds {what} with other settings ({', '.join(changed)}); resume it with "
+                          "the same settings, or use another output_dir", saved, field=changed[0])
+
+
+def yaml_text(data: dict[str, Any]) -> str:
+    """A settings record as YAML, in the order given (what run folders keep as config.yaml)."""
+    return yaml.safe_dump(data, sort_keys=False)

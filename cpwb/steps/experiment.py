@@ -17,7 +17,9 @@ from cpwb.core.config import require
 from cpwb.core.files import atomic_write_json
 from cpwb.core.provenance import digest, versions
 from cpwb.engine.device import device_name
-from cpwb.steps.training.trainer import TrainConfig, load_training_pairs, train
+from cpwb.steps.training.trainer import train
+from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.batches import load_training_pairs
 
 QUICK_EVAL_METRICS = ("phi_gap", "greedy_toxicity", "similarity", "wikitext2_ppl")  # in the cache key of base figures
 

@@ -27,7 +27,9 @@ from cpwb.data.pairs import (
 )
 from cpwb.engine import assets
 from cpwb.steps.negatives.run import LOG_FILE, PAIRS_FILE, load_anchors, run_generation
-from cpwb.steps.training.trainer import TrainConfig, latest_checkpoint, train
+from cpwb.steps.training.trainer import train
+from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.checkpoints import latest_checkpoint
 from tests.reliability.driver import generation_config, tiny_generation_models
 from tests.reliability.jobs import job_args, train_settings
 from tests.reliability.source_scan import constant, package_calls

@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from cpwb.core.config import require, to_dict
+from cpwb.core.config import require, require_same_settings, to_dict
 from cpwb.core.errors import AssetError, ConfigError
 from cpwb.core.files import (
     append_jsonl,
@@ -491,12 +491,7 @@ def _claim_output_dir(out: Path, config: GenerateConfig) -> None:
     saved = out / CONFIG_FILE
     settings = {k: v for k, v in to_dict(config).items() if k not in UNCOMPARED_SETTINGS}
     if saved.is_file():
-        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        before = {k: v for k, v in before.items() if k not in UNCOMPARED_SETTINGS}
-        changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
-        if changed:
-            raise ConfigError(f"{out} holds a generation run with other settings ({', '.join(changed)}); resume it "
-                              "with the same settings or choose another output_dir", saved, field=changed[0])
+        require_same_settings(saved, settings, UNCOMPARED_SETTINGS, what="a generation run")
         return
     if (out / LOG_FILE).exists() or (out / PAIRS_FILE).exists():
         raise ConfigError(f"{out} already holds {PAIRS_FILE} or {LOG_FILE} without {CONFIG_FILE}: not a run of "

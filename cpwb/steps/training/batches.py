@@ -1,0 +1,106 @@
+"""The training data: pairs (a file, ParaDetox, or both), the seeded anchor order, and each step's batch of texts."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cpwb.core.errors import ConfigError
+from cpwb.data.pairs import PairRecord
+from cpwb.steps.training.config import TrainConfig
+
+
+def load_training_pairs(config: TrainConfig) -> tuple[list[PairRecord], list[PairRecord], dict[str, Any]]:
+    """(train, held-out) pairs and a record of where they came from (file hashes, counts).
+
+    ParaDetox pairs are split by `holdout_fraction`. A pairs file is split the same way, or, `with_paradetox`, all
+    of it trains together with ParaDetox's training split (its records replace ParaDetox's of the same id) and the
+    held-out pairs are ParaDetox's. Whatever the source, the canonical held-out ParaDetox pairs
+    (`cpwb.data.pairs.paradetox_heldout`) never train, so every analysis can measure on them.
+    """
+    from cpwb.data.corpora import data_hash, data_path, load_paradetox
+    from cpwb.data.pairs import read_pairs
+    from cpwb.data.paradetox import pairs_from_paradetox, paradetox_heldout, split_pairs
+
+    def paradetox_split() -> tuple[list[PairRecord], list[PairRecord]]:
+        records = pairs_from_paradetox(load_paradetox(limit=config.paradetox_limit), normalize=config.normalize_text)
+        return split_pairs(records, config.holdout_fraction, seed=0)
+
+    paradetox = {"paradetox_hash": data_hash([data_path("paradetox")]), "normalized": config.normalize_text}
+    if config.pairs:
+        records = list(read_pairs(config.pairs))
+        source: dict[str, Any] = {"pairs": config.pairs, "data_hash": data_hash([config.pairs]),
+                                  "n_file": len(records)}
+        if config.with_paradetox:
+            ids = {r.id for r in records}
+            extra_train, extra_heldout = paradetox_split()
+            train = records + [r for r in extra_train if r.id not in ids]
+            heldout = [r for r in extra_heldout if r.id not in ids]
+            source |= {"with_paradetox": True, **paradetox}
+        else:
+            train, heldout = split_pairs(records, config.holdout_fraction, seed=0)
+    else:
+        train, heldout = paradetox_split()
+        source = {"pairs": "paradetox", "data_hash": paradetox["paradetox_hash"], **paradetox}
+    reserved = {r.id for r in paradetox_heldout()}
+    kept = [r for r in train if r.id not in reserved]
+    if not kept:
+        raise ConfigError(f"no training anchors left ({len(train)} before the canonical held-out ParaDetox pairs "
+                          "were taken out)", field="pairs")
+    return kept, heldout, {**source, "n_train": len(kept), "n_heldout": len(heldout),
+                           "n_reserved_left_out": len(train) - len(kept)}
+
+
+def anchor_order(n_anchors: int, seed: int, count: int, offset: int = 0) -> list[int]:
+    """Indices of the anchors used at positions offset..offset+count of a seeded stream of shuffled epochs."""
+    order: list[int] = []
+    epoch = offset // n_anchors
+    while len(order) < (offset % n_anchors) + count:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order += torch.randperm(n_anchors, generator=generator).tolist()
+        epoch += 1
+    start = offset % n_anchors
+    return order[start:start + count]
+
+
+@dataclass
+class AnchorBatch:
+    """The texts of a few anchors, flattened, with the slot of each text in the [A, K] layout of cpwb.engine.loss."""
+
+    texts: list[str]
+    role: list[str]  # "pos" | "neg" | "rand"
+    anchor: list[int]
+    slot: list[int]
+    n_anchors: int
+    sizes: dict[str, int]  # K per role
+
+
+def build_anchor_batch(records: list[PairRecord], indices: list[int], config: TrainConfig,
+                       rng: random.Random, general: list[str] | None = None) -> AnchorBatch:
+    """Positives and negatives (and optional random negatives from other anchors) of the chosen anchors.
+
+    With a `general` pool, `kl_texts_per_step` of its texts join the batch (role "kl") for the KL-to-base term only.
+    """
+    batch = AnchorBatch([], [], [], [], len(indices), {"pos": 0, "neg": 0, "rand": 0, "kl": 0})
+
+    def add(text: str, role: str, a: int, s: int) -> None:
+        batch.texts.append(text)
+        batch.role.append(role)
+        batch.anchor.append(a)
+        batch.slot.append(s)
+        batch.sizes[role] = max(batch.sizes[role], s + 1)
+
+    for a, index in enumerate(indices):
+        record = records[index]
+        for s, text in enumerate(record.positives[:config.max_positives]):
+            add(text.text, "pos", a, s)
+        for s, text in enumerate(record.negatives[:config.max_negatives]):
+            add(text.text, "neg", a, s)
+        others = [j for j in range(len(records)) if j != index]
+        for s, j in enumerate(rng.sample(others, min(config.random_negatives, len(others)))):
+            add(records[j].negatives[0].text, "rand", a, s)
+    for s, text in enumerate(rng.sample(general, config.kl_texts_per_step) if general else []):
+        add(text, "kl", 0, s)
+    return batch
