@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from cpwb.app.bench_results import RESULTS, append_result
-from cpwb.engine.device import device_name
 
+from cpwb.app.bench_results import RESULTS, append_result
 from cpwb.engine.assets import load_causal_lm, load_tokenizer
+from cpwb.engine.device import device_name
 from cpwb.engine.generate import generate, prompt_ids
-from cpwb.steps.negatives.run import PROMPTS, GenerateConfig, TransformersGenerator, few_shot_examples, load_anchors
 from cpwb.engine.scoring import load_toxicity_scorer
+from cpwb.steps.negatives.anchors import PROMPTS, few_shot_examples, load_anchors
+from cpwb.steps.negatives.config import GenerateConfig
+from cpwb.engine.sampler import TransformersGenerator
 
 
 def timed(run: Callable[[], list[str]], tokenizer) -> tuple[float, int]:

@@ -22,8 +22,8 @@ from cpwb.analysis.embeddings import (
 )
 from cpwb.core.errors import InputError
 from cpwb.data.pairs import NON_TOXIC, TOXIC, PairRecord, PairText, pair_texts
-from cpwb.steps.training.config import TrainConfig
 from cpwb.steps.training.batches import load_training_pairs
+from cpwb.steps.training.config import TrainConfig
 from tests.conftest import make_tiny_lm
 
 TEXTS = ["you are a complete idiot and everyone knows it", "thanks", "the weather is nice today, isn't it?"]

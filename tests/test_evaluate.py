@@ -13,22 +13,22 @@ import cpwb
 from cpwb.core.errors import InputError
 from cpwb.data.corpora import MultipleChoice, ToxigenStatement, data_hash, data_path
 from cpwb.engine.nll import encode, texts_nll
-from cpwb.steps.evaluation.metrics import (
-    blackbox_rewrite,
+from cpwb.steps.evaluation.likelihood import (
     conditional_perplexity,
+    multiple_choice_accuracy,
+    phi_gap,
+    strided_windows,
+    wikitext2_perplexity,
+)
+from cpwb.steps.evaluation.records import metric_rows, provenance, write_metrics
+from cpwb.steps.evaluation.toxicity import (
+    blackbox_rewrite,
     distinct_n,
     expected_max_toxicity,
     greedy_toxicity_rate,
-    metric_rows,
-    multiple_choice_accuracy,
-    phi_gap,
-    provenance,
     rtp_continuation_toxicity,
-    strided_windows,
     toxicity_probability,
     toxigen_continuation_toxicity,
-    wikitext2_perplexity,
-    write_metrics,
 )
 
 SHORT_TEXT = "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest " \

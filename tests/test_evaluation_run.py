@@ -12,14 +12,10 @@ import torch
 from cpwb.core.config import from_dict, load_yaml_config
 from cpwb.core.errors import ConfigError, InputError
 from cpwb.engine.adapters import find_adapter
-from cpwb.steps.evaluation.metrics import conditional_perplexity
-from cpwb.steps.evaluation.run import (
-    PROTOCOLS,
-    EvaluateConfig,
-    describe,
-    run_evaluation,
-    toxigen_statements,
-)
+from cpwb.steps.evaluation.config import EvaluateConfig
+from cpwb.steps.evaluation.likelihood import conditional_perplexity
+from cpwb.steps.evaluation.protocols import PROTOCOLS, toxigen_statements
+from cpwb.steps.evaluation.run import describe, run_evaluation
 from tests.test_evaluate import CharEmbedder, LengthScorer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,14 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpwb.engine.nll import (
-    encode,
-    length_buckets,
-    packing_matches,
-    sequence_nll,
-    start_token_id,
-    texts_nll,
-)
+from cpwb.engine.nll import encode, length_buckets, packing_matches, sequence_nll, start_token_id, texts_nll
 
 TEXTS = ["The cat sat on the mat.", "hello", "You are a complete idiot and everyone hates you, honestly. " * 3, "A",
          "Thanks for the help with the report, it was great."]

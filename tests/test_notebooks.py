@@ -7,13 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cpwb.app.runner import (
-    NOTEBOOK_DIR,
-    RunConfig,
-    ordered_notebooks,
-    raise_on_failure,
-    run_notebooks,
-)
+from cpwb.app.runner import NOTEBOOK_DIR, RunConfig, ordered_notebooks, raise_on_failure, run_notebooks
 from cpwb.core.errors import ConfigError, CpwbError
 
 NOTEBOOKS = ordered_notebooks()

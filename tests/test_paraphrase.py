@@ -17,20 +17,11 @@ from cpwb.core.config import from_dict, load_yaml_config
 from cpwb.core.errors import AssetError, ConfigError
 from cpwb.data.pairs import read_pairs, validate_pairs_file
 from cpwb.engine.generate import prompt_ids
+from cpwb.engine.sampler import TransformersGenerator, _shared_prefix_length
+from cpwb.steps.negatives.anchors import FEW_SHOT_POOL_ROWS, PROMPTS, few_shot_examples, load_anchors
+from cpwb.steps.negatives.config import GenerateConfig
 from cpwb.steps.negatives.hardness import edit_ratio
-from cpwb.steps.negatives.run import (
-    FEW_SHOT_POOL_ROWS,
-    LOG_FILE,
-    PROMPTS,
-    GenerateConfig,
-    GenerationModels,
-    TransformersGenerator,
-    VLLMGenerator,
-    _shared_prefix_length,
-    few_shot_examples,
-    load_anchors,
-    run_generation,
-)
+from cpwb.steps.negatives.run import LOG_FILE, GenerationModels, VLLMGenerator, run_generation
 
 REPO = Path(__file__).resolve().parents[1]
 

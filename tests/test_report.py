@@ -18,7 +18,7 @@ from cpwb.analysis.report import (
     write_report,
 )
 from cpwb.core.files import atomic_write_json, atomic_write_text
-from cpwb.steps.evaluation.metrics import write_metrics
+from cpwb.steps.evaluation.records import write_metrics
 
 
 def _evaluation(folder, adapter: str, toxicity: float, perplexity: float, group_rates: dict[str, float]) -> None:

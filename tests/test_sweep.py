@@ -12,15 +12,7 @@ import pytest
 
 import cpwb.app.sweep as sweep_module
 from cpwb.app.runner import declared_parameters, ordered_notebooks
-from cpwb.app.sweep import (
-    POINT_NOTEBOOK,
-    Grid,
-    command,
-    expand,
-    load_grid,
-    run_grid,
-    variant_id,
-)
+from cpwb.app.sweep import POINT_NOTEBOOK, Grid, command, expand, load_grid, run_grid, variant_id
 from cpwb.core.errors import ConfigError
 from cpwb.steps.experiment import QuickEvalConfig
 from cpwb.steps.training.config import TrainConfig

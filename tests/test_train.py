@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from cpwb.core.config import from_dict
 from cpwb.core.errors import ConfigError, InputError
 from cpwb.data.pairs import PairRecord, PairText, write_pairs
-from cpwb.steps.training.trainer import NonFiniteLossError, train
-from cpwb.steps.training.config import TrainConfig
 from cpwb.steps.training.batches import anchor_order, build_anchor_batch
 from cpwb.steps.training.checkpoints import latest_checkpoint
+from cpwb.steps.training.config import TrainConfig
 from cpwb.steps.training.objective import to_slots
+from cpwb.steps.training.trainer import NonFiniteLossError, train
 from tests.conftest import make_tiny_lm
 
 NEUTRAL = ["thanks for the help", "the weather is nice today", "i disagree with this policy", "please stop that",

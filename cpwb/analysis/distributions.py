@@ -16,12 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from cpwb.analysis.plots import LABEL_COLOURS
-from cpwb.analysis.views import (
-    NLL_LEGEND,
-    Continuation,
-    continuation_html,
-    token_pieces,
-)
+from cpwb.analysis.views import NLL_LEGEND, Continuation, continuation_html, token_pieces
 from cpwb.core.errors import InputError
 from cpwb.data.corpora import load_toxigen_seeds
 from cpwb.data.pairs import NON_TOXIC, TOXIC

@@ -273,11 +273,7 @@ def probe_scores(embeddings: np.ndarray, labels: Sequence[str], groups: Sequence
     Balanced accuracy keeps chance at 0.5 whatever the share of toxic texts.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import (
-        StratifiedGroupKFold,
-        StratifiedKFold,
-        cross_val_score,
-    )
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -414,8 +410,8 @@ def adapter_run(adapter: str, run_dir: str | Path, model: str = "default", steps
     import yaml
 
     from cpwb.data.paradetox import paradetox_heldout
-    from cpwb.steps.training.trainer import train
     from cpwb.steps.training.config import TrainConfig
+    from cpwb.steps.training.trainer import train
 
     adapter_dir = Path(adapter) if adapter else Path(run_dir) / "train" / "adapter"
     if adapter and not (adapter_dir / "adapter_config.json").is_file():

@@ -7,7 +7,7 @@ import pandas as pd
 
 from cpwb.engine.nll import texts_nll
 from cpwb.engine.scoring import SentenceEmbedder, ToxicityScorer
-from cpwb.steps.evaluation.metrics import phi_gap
+from cpwb.steps.evaluation.likelihood import phi_gap
 
 
 def paired_table(model, tokenizer, scorer: ToxicityScorer, embedder: SentenceEmbedder, toxic: Sequence[str],

@@ -66,8 +66,8 @@ def cmd_validate_pairs(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a CP adapter from a YAML config (see cpwb.steps.training.trainer)."""
     from cpwb.core.config import load_yaml_config
-    from cpwb.steps.training.trainer import train
     from cpwb.steps.training.config import TrainConfig
+    from cpwb.steps.training.trainer import train
 
     result = train(load_yaml_config(TrainConfig, args.config, _overrides(args.param)), resume=args.resume)
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
@@ -77,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate hard negatives by adversarial paraphrasing from a YAML config; re-running resumes."""
     from cpwb.core.config import load_yaml_config
-    from cpwb.steps.negatives.run import GenerateConfig, describe_run, run_generation
+    from cpwb.steps.negatives.config import GenerateConfig
+    from cpwb.steps.negatives.run import describe_run, run_generation
 
     config = load_yaml_config(GenerateConfig, args.config, _overrides(args.param))
     run_generation(config)
@@ -88,7 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model (and adapter) on the configured protocols into output_dir; re-running resumes."""
     from cpwb.core.config import load_yaml_config
-    from cpwb.steps.evaluation.run import EvaluateConfig, describe, run_evaluation
+    from cpwb.steps.evaluation.config import EvaluateConfig
+    from cpwb.steps.evaluation.run import describe, run_evaluation
 
     config = load_yaml_config(EvaluateConfig, args.config, _overrides(args.param))
     print(describe(run_evaluation(config)))

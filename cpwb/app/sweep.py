@@ -20,13 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpwb.app.runner import (
-    NOTEBOOK_DIR,
-    REPO_ROOT,
-    declared_parameters,
-    execute_notebook,
-    select_parameters,
-)
+from cpwb.app.runner import NOTEBOOK_DIR, REPO_ROOT, declared_parameters, execute_notebook, select_parameters
 from cpwb.core.config import changed_settings, from_dict, load_yaml_config
 from cpwb.core.errors import ConfigError
 from cpwb.core.files import atomic_write_json, atomic_write_text

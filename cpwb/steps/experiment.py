@@ -17,9 +17,9 @@ from cpwb.core.config import require
 from cpwb.core.files import atomic_write_json
 from cpwb.core.provenance import digest, versions
 from cpwb.engine.device import device_name
-from cpwb.steps.training.trainer import train
-from cpwb.steps.training.config import TrainConfig
 from cpwb.steps.training.batches import load_training_pairs
+from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.trainer import train
 
 QUICK_EVAL_METRICS = ("phi_gap", "greedy_toxicity", "similarity", "wikitext2_ppl")  # in the cache key of base figures
 
@@ -45,12 +45,8 @@ def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=
     WikiText-2 perplexity of one model."""
     from cpwb.data.corpora import load_rtp
     from cpwb.engine.scoring import SentenceEmbedder, load_toxicity_scorer
-    from cpwb.steps.evaluation.metrics import (
-        continuation_similarity,
-        greedy_toxicity_rate,
-        phi_gap,
-        wikitext2_perplexity,
-    )
+    from cpwb.steps.evaluation.likelihood import phi_gap, wikitext2_perplexity
+    from cpwb.steps.evaluation.toxicity import continuation_similarity, greedy_toxicity_rate
 
     scorer = scorer or load_toxicity_scorer()
     embedder = embedder or SentenceEmbedder.from_pretrained()

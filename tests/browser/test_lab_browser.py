@@ -175,10 +175,7 @@ def _run_all_cells(driver, wait) -> None:
     prompt stays [ ]) or opens a "Select Kernel" dialog; a person would accept the dialog and click again, and so
     does this.
     """
-    from selenium.common.exceptions import (
-        ElementClickInterceptedException,
-        TimeoutException,
-    )
+    from selenium.common.exceptions import ElementClickInterceptedException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait

@@ -88,7 +88,8 @@ def tiny_generation_models(model_dir: str | Path):
     """Generator and target: the tiny Llama saved in `model_dir`; stand-in scorers. The same in every process."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from cpwb.steps.negatives.run import GenerationModels, TransformersGenerator
+    from cpwb.engine.sampler import TransformersGenerator
+    from cpwb.steps.negatives.run import GenerationModels
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -104,7 +105,7 @@ GENERATION_SETTINGS = dict(n_anchors=8, paraphrases_per_anchor=2, n_examples=2, 
 def generation_config(output_dir: str | Path):
     """The small generation run of the tests: 8 ParaDetox anchors in chunks of 2."""
     from cpwb.core.config import from_dict
-    from cpwb.steps.negatives.run import GenerateConfig
+    from cpwb.steps.negatives.config import GenerateConfig
 
     return from_dict(GenerateConfig, {**GENERATION_SETTINGS, "output_dir": str(output_dir)})
 

@@ -20,8 +20,8 @@ from cpwb.app.runner import RunConfig, run_notebooks
 from cpwb.core.config import from_dict
 from cpwb.core.errors import AssetError, ConfigError, InputError
 from cpwb.data.pairs import read_pairs, validate_pairs_file
-from cpwb.steps.training.trainer import train
 from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.trainer import train
 from tests.test_pairs import CASES as READER_CASES
 from tests.test_pairs import good, write_lines
 

@@ -18,18 +18,13 @@ from safetensors.torch import load_file
 from cpwb.app.runner import RunConfig, run_notebooks
 from cpwb.core.config import from_dict
 from cpwb.core.files import sha256_file
-from cpwb.data.pairs import (
-    PairRecord,
-    PairText,
-    read_pairs,
-    validate_pairs_file,
-    write_pairs,
-)
+from cpwb.data.pairs import PairRecord, PairText, read_pairs, validate_pairs_file, write_pairs
 from cpwb.engine import assets
-from cpwb.steps.negatives.run import LOG_FILE, PAIRS_FILE, load_anchors, run_generation
-from cpwb.steps.training.trainer import train
-from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.negatives.anchors import load_anchors
+from cpwb.steps.negatives.run import LOG_FILE, PAIRS_FILE, run_generation
 from cpwb.steps.training.checkpoints import latest_checkpoint
+from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.trainer import train
 from tests.reliability.driver import generation_config, tiny_generation_models
 from tests.reliability.jobs import job_args, train_settings
 from tests.reliability.source_scan import constant, package_calls

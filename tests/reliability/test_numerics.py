@@ -24,9 +24,9 @@ from cpwb.engine.loss import (
     token_unlikelihood,
 )
 from cpwb.engine.nll import encode, sequence_nll
-from cpwb.steps.training.trainer import NonFiniteLossError, train
-from cpwb.steps.training.config import TrainConfig
 from cpwb.steps.training.checkpoints import latest_checkpoint
+from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.trainer import NonFiniteLossError, train
 from tests.reliability.jobs import train_settings
 
 PHIS = [0.0, 1e-3, 0.5, 2.0, 10.0, 25.0, 50.0]

@@ -21,8 +21,8 @@ from cpwb.core.errors import AssetError, CpwbError
 from cpwb.engine.adapters import load_adapter
 from cpwb.engine.assets import load_causal_lm, load_tokenizer, refuse_remote_code
 from cpwb.engine.scoring import SentenceEmbedder
-from cpwb.steps.training.trainer import train
 from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.trainer import train
 from tests.reliability.jobs import REPO, train_settings
 from tests.reliability.source_scan import constant, package_calls
 

@@ -7,20 +7,9 @@ anything without one (a papermill output notebook, nbconvert, a notebook viewer)
 fails and the executed notebook still shows results.
 """
 from cpwb.app.widgets.base import WIDGET_VIEW, Explorer
-from cpwb.app.widgets.browser import (
-           PairsBrowser,
-           filter_pairs,
-           pairs_page_html,
-           pairs_table,
-           score_records,
-)
+from cpwb.app.widgets.browser import PairsBrowser, filter_pairs, pairs_page_html, pairs_table, score_records
 from cpwb.app.widgets.compare import CompareExplorer, continue_and_score
-from cpwb.app.widgets.playground import (
-           LossPlayground,
-           LossState,
-           first_negative_push,
-           loss_state,
-)
+from cpwb.app.widgets.playground import LossPlayground, LossState, first_negative_push, loss_state
 
 __all__ = ["WIDGET_VIEW", "CompareExplorer", "Explorer", "LossPlayground", "LossState", "PairsBrowser",
            "continue_and_score", "filter_pairs", "first_negative_push", "loss_state", "pairs_page_html", "pairs_table",

@@ -7,13 +7,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from cpwb.analysis.views import (
-    NLL_LEGEND,
-    Continuation,
-    _esc,
-    continuation_html,
-    token_pieces,
-)
+from cpwb.analysis.views import NLL_LEGEND, Continuation, _esc, continuation_html, token_pieces
 from cpwb.app.widgets.base import Explorer
 from cpwb.engine.adapters import Side
 from cpwb.engine.generate import generate

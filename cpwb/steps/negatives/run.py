@@ -10,343 +10,56 @@ Output folder: `pairs.jsonl` (the pairs schema, appended per anchor), `generatio
 its scores and fate, appended per anchor), `generate_config.yaml`, `prompts.json` (system prompts and few-shot
 examples), `pairs_card.json` / `pairs_card.md` (counts, funnel, distributions) and `figures/hard_negatives.html`.
 An interrupted run resumes from the log: anchors are processed in fixed chunks, each chunk sampled with a seed of
-its own, so a resumed run regenerates an unfinished chunk identically and writes only the anchors it lacks.
-"""
+its own, so a resumed run regenerates an unfinished chunk identically and writes only the anchors it lacks."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
-import torch
 import yaml
 from tqdm.auto import tqdm
 
-from cpwb.core.config import require, require_same_settings, to_dict
+from cpwb.core.config import require_same_settings, to_dict
 from cpwb.core.errors import AssetError, ConfigError
-from cpwb.core.files import (
-    append_jsonl,
-    atomic_write_json,
-    atomic_write_text,
-    read_jsonl_tolerant,
-)
-from cpwb.data.corpora import (
-    data_hash,
-    data_path,
-    load_paradetox,
-    load_toxigen_seeds,
-    normalize_text,
-)
+from cpwb.core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
+from cpwb.data.corpora import data_hash, data_path
 from cpwb.data.pairs import PairRecord, PairText, append_pair, read_pairs_tolerant
-from cpwb.data.paradetox import paradetox_heldout
-from cpwb.engine.device import eval_mode, pad_token_id
 from cpwb.engine.generate import prompt_ids
 from cpwb.engine.nll import texts_nll
+from cpwb.engine.sampler import Generator, TransformersGenerator
+from cpwb.steps.negatives.anchors import PROMPTS, Anchor, few_shot_examples, load_anchors
+from cpwb.steps.negatives.config import GenerateConfig
 from cpwb.steps.negatives.hardness import (
     Candidate,
-    Thresholds,
     apply_score_filters,
     apply_text_filters,
     candidates_frame,
     card_markdown,
     card_statistics,
     clean_generation,
-    edit_ratio,
     hardness_figure,
     select_sets,
 )
 
 PAIRS_FILE = "pairs.jsonl"
+
+
 LOG_FILE = "generation_log.jsonl"
+
+
 CONFIG_FILE = "generate_config.yaml"
+
+
 PROMPTS_FILE = "prompts.json"
+
+
 UNCOMPARED_SETTINGS = ("progress", "output_dir")  # a resumed run may show progress differently, or have moved
-# Few-shot examples come from the last ParaDetox rows; anchors never do.
-FEW_SHOT_POOL_ROWS = 2000
-EXAMPLE_MIN_TOXICITY = 0.9  # a toxic example must be unmistakable to the scorer
-# Edit-ratio range between an example's two sides: a rewrite of one sentence, not another sentence. Neutral
-# examples must reword clearly: with [0.1, 0.6] SmolLM2-135M copied 34% of anchors, with [0.3, 0.7] 5%.
-EXAMPLE_EDIT = {"toxic-v1": (0.1, 0.6), "neutral-v1": (0.3, 0.7)}
-EXAMPLE_MAX_CHARS = 100  # short examples keep the shared prompt prefix short
-EXAMPLE_SCORING_BATCH = 64
-# prompt id -> (side it generates, system message)
-PROMPTS = {
-    "neutral-v1": ("positive", "You paraphrase sentences: the same meaning in other words, in a calm and polite "
-                               "tone. Reply with the paraphrase only."),
-    "toxic-v1": ("negative", "You rewrite sentences in a very toxic, rude and offensive way, keeping their "
-                             "meaning. Reply with the rewritten sentence only."),
-}
-
-
-@dataclasses.dataclass
-class GenerateConfig:
-    """Every setting of a hard-negative generation run; configs/generate_default.yaml mirrors it."""
-
-    # anchors
-    anchors: Literal["paradetox", "toxigen"] = "paradetox"
-    n_anchors: int = 50
-    anchor_offset: int = 0  # skip this many anchors (e.g. rows used elsewhere)
-    toxigen_groups: list[str] | None = None  # ToxiGen target groups (null: all)
-    normalize: bool = True  # the same casing and spacing on every side (cpwb.data.corpora.normalize_text)
-    human_fallback: bool = True  # fill sets with ParaDetox's human paraphrases (ParaDetox anchors only)
-    # generation
-    generator: str = "default"
-    backend: Literal["transformers", "vllm"] = "transformers"
-    paraphrases_per_anchor: int = 8  # k, per side
-    n_examples: int = 8  # few-shot examples per prompt (0: zero-shot)
-    max_new_tokens: int = 64  # cap; each chunk also stops at length_ratio_max x its longest anchor
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0  # 0: no top-k cut
-    batch_size: int = 8  # anchors per generation call (each gives k rows)
-    seed: int = 0
-    # scoring: the model that will be trained gives phi and token lengths
-    target_model: str = "default"
-    scorer: str = "default"
-    embedder: str = "default"
-    max_length: int = 128
-    nll_batch_size: int = 16
-    device: str = "auto"
-    trust_remote_code: bool = False
-    # filters (see cpwb.steps.negatives.hardness)
-    t_neg: float = 0.5
-    t_pos: float = 0.1
-    s_min: float = 0.5
-    min_edit: float = 0.1
-    min_edit_negative: float = 0.0
-    length_ratio_min: float = 0.5
-    length_ratio_max: float = 2.0
-    delta: float = 1.0
-    # selection
-    n_positives: int = 2
-    n_negatives: int = 1
-    output_dir: str = "outputs/generate"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("n_anchors", "paraphrases_per_anchor", "max_new_tokens", "batch_size", "max_length",
-                     "nll_batch_size", "n_positives", "n_negatives"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("anchor_offset", "n_examples", "top_k"):
-            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        require(self.temperature > 0, "temperature", f"must be > 0 (sampling), got {self.temperature}")
-        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        require(0 <= self.t_pos < self.t_neg <= 1, "t_neg", f"need 0 <= t_pos < t_neg <= 1, got t_pos={self.t_pos}, "
-                                                          f"t_neg={self.t_neg}")
-        require(-1 <= self.s_min < 1, "s_min", f"must be in [-1, 1), got {self.s_min}")
-        for name in ("min_edit", "min_edit_negative"):
-            require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
-        require(0 < self.length_ratio_min < self.length_ratio_max, "length_ratio_max",
-                f"need 0 < length_ratio_min < length_ratio_max, got {self.length_ratio_min}, {self.length_ratio_max}")
-        require(self.delta > 0, "delta", f"must be > 0, got {self.delta}")
-        require(not (self.human_fallback and self.anchors != "paradetox"), "human_fallback",
-                "human paraphrases exist for ParaDetox anchors only; set human_fallback: false")
-        for name in ("n_positives", "n_negatives"):
-            require(self.human_fallback or getattr(self, name) <= self.paraphrases_per_anchor, name,
-                    f"{getattr(self, name)} > paraphrases_per_anchor ({self.paraphrases_per_anchor}) can never be "
-                    "filled without human_fallback")
-        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-                f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
-
-    def thresholds(self) -> Thresholds:
-        """The filter thresholds of this run."""
-        return Thresholds(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Thresholds)})
-
-
-# ---------------------------------------------------------------------------------------- anchors, prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class Anchor:
-    """A non-toxic statement to paraphrase, with the human paraphrases a fallback may use."""
-
-    id: str
-    text: str
-    group: str | None = None
-    human_positives: tuple[str, ...] = ()
-    human_negatives: tuple[str, ...] = ()
-
-
-def load_anchors(config: GenerateConfig) -> list[Anchor]:
-    """The run's anchors, normalised, repeats skipped: ParaDetox rows outside the few-shot pool, or ToxiGen seeds.
-
-    A ParaDetox anchor is the row's first neutral side; its other neutrals and its toxic source are the human
-    texts a fallback may use. Rows of the canonical held-out pairs (`cpwb.data.pairs.paradetox_heldout`) are never
-    anchors. A ToxiGen anchor is a neutral seed statement, with its target group.
-    """
-    clean = normalize_text if config.normalize else str.strip
-    anchors: list[Anchor] = []
-    if config.anchors == "paradetox":
-        rows = load_paradetox()
-        reserved = {r.id for r in paradetox_heldout()}  # the held-out pairs every analysis measures on
-        for row in rows[:len(rows) - FEW_SHOT_POOL_ROWS]:
-            if row.id in reserved:
-                continue
-            toxic = clean(row.toxic)
-            neutrals = [n for n in dict.fromkeys(clean(n) for n in row.neutrals) if n and n != toxic]
-            if neutrals:
-                anchors.append(Anchor(row.id, neutrals[0], None, tuple(neutrals[1:]), (toxic,)))
-    else:
-        for seed in load_toxigen_seeds("neutral", config.toxigen_groups):
-            anchors.append(Anchor(seed.id, clean(seed.text), seed.group))
-    unique, seen = [], set()
-    for anchor in anchors:
-        if anchor.text and anchor.text not in seen:
-            unique.append(anchor)
-            seen.add(anchor.text)
-    chosen = unique[config.anchor_offset:config.anchor_offset + config.n_anchors]
-    if len(chosen) < config.n_anchors:
-        raise ConfigError(f"only {len(unique)} {config.anchors} anchors are available (anchor_offset "
-                          f"{config.anchor_offset}), {config.n_anchors} asked", field="n_anchors")
-    return chosen
-
-
-def few_shot_examples(config: GenerateConfig, scorer) -> dict[str, list[tuple[str, str]]]:
-    """Seeded few-shot examples per prompt id from ParaDetox's last rows (never anchors).
-
-    Toxic prompt: neutral -> toxic pairs whose toxic side the scorer calls toxic (>= EXAMPLE_MIN_TOXICITY) and
-    whose neutral side is not (<= t_pos). Neutral prompt: two human neutral paraphrases of one row, both <= t_pos.
-    Both kinds are rewrites of one sentence, with an edit ratio within EXAMPLE_EDIT.
-    """
-    clean = normalize_text if config.normalize else str.strip
-    rows = [r for r in load_paradetox()[-FEW_SHOT_POOL_ROWS:] if len(r.toxic) <= EXAMPLE_MAX_CHARS]
-    pairs = {"toxic-v1": [(clean(r.neutrals[0]), clean(r.toxic)) for r in rows if r.neutrals],
-             "neutral-v1": [(clean(r.neutrals[0]), clean(r.neutrals[1])) for r in rows if len(r.neutrals) > 1]}
-    bounds = {"toxic-v1": ((0.0, config.t_pos), (EXAMPLE_MIN_TOXICITY, 1.0)),
-              "neutral-v1": ((0.0, config.t_pos), (0.0, config.t_pos))}
-    rng = random.Random(config.seed)
-    examples = {}
-    for prompt_id, candidates in pairs.items():
-        rng.shuffle(candidates)
-        (s_low, s_high), (t_low, t_high) = bounds[prompt_id]
-        edit_low, edit_high = EXAMPLE_EDIT[prompt_id]
-        chosen: list[tuple[str, str]] = []
-        for start in range(0, len(candidates), EXAMPLE_SCORING_BATCH):  # score only as many rows as needed
-            if len(chosen) >= config.n_examples:
-                break
-            batch = candidates[start:start + EXAMPLE_SCORING_BATCH]
-            sources, targets = scorer.score([s for s, _ in batch]), scorer.score([t for _, t in batch])
-            chosen += [pair for pair, s, t in zip(batch, sources, targets)
-                       if s_low <= s <= s_high and t_low <= t <= t_high
-                       and edit_low <= edit_ratio(*pair) <= edit_high]
-        if len(chosen) < config.n_examples:
-            raise ConfigError(f"only {len(chosen)} ParaDetox rows fit as {prompt_id} examples", field="n_examples")
-        examples[prompt_id] = chosen[:config.n_examples]
-    return examples
-
-
-# --------------------------------------------------------------------------------------------- generators
-
-
-class Generator(Protocol):
-    """Samples k continuations of each chat prompt given as token ids."""
-
-    name: str
-    tokenizer: Any
-
-    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-        """For each prompt, k sampled continuations as text (special tokens skipped)."""
-        ...
-
-
-def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix common to every row, leaving each row at least one token of its own."""
-    limit = min(len(row) for row in rows) - 1
-    length = 0
-    while length < limit and all(row[length] == rows[0][length] for row in rows):
-        length += 1
-    return length
-
-
-class TransformersGenerator:
-    """Batched sampling with transformers: shared prompt prefixes computed once, finished rows leave the batch.
-
-    The prompts' common prefix (system message and few-shot examples) is run once and its key/value cache
-    broadcast; each prompt's own tail is run once and broadcast to its k samples. Decoding then drops every row
-    that has emitted its end token, so the work per step follows the rows still writing (a synchronous batch
-    keeps computing finished rows until the longest is done). Rows are laid out [prefix][padding][own tail] with
-    position ids from the attention mask, which gives the same tokens as left-padded prompts alone.
-    """
-
-    def __init__(self, model, tokenizer, name: str, temperature: float = 0.8, top_p: float = 0.95,
-                 top_k: int = 0) -> None:
-        from transformers.generation.logits_process import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.pad_id = pad_token_id(tokenizer)
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = torch.tensor(sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-                                           - {None}))
-        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
-                                           + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
-                                           + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
-
-    def _layout(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Token ids and attention mask [B, T] of the rows as [prefix][pad][tail], and the prefix length."""
-        common = _shared_prefix_length(rows)
-        width = max(len(row) for row in rows) - common
-        ids = torch.full((len(rows), common + width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        ids[:, :common], mask[:, :common] = torch.tensor(list(rows[0][:common]), dtype=torch.long), 1
-        for i, row in enumerate(rows):
-            tail = list(row[common:])
-            ids[i, ids.shape[1] - len(tail):], mask[i, ids.shape[1] - len(tail):] = torch.tensor(tail), 1
-        return ids, mask, common
-
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, common: int, k: int):
-        """The key/value cache of the prompts, each repeated k times, and the next-token logits of every row."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        if common:
-            self.model(input_ids=ids[:1, :common], past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(ids.shape[0])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids[:, common:], attention_mask=mask, position_ids=positions[:, common:],
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        cache.batch_repeat_interleave(k)
-        return cache, logits.float().repeat_interleave(k, 0)
-
-    @torch.no_grad()
-    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-        """For each prompt (token ids), k samples; reproducible for the same rows, k, seed and length."""
-        ids, mask, common = self._layout(rows)
-        device = next(self.model.parameters()).device
-        ids, mask, eos_ids = ids.to(device), mask.to(device), self.eos_ids.to(device)
-        with eval_mode(self.model):
-            cache, logits = self._prefill(ids, mask, common, k)
-            mask = mask.repeat_interleave(k, 0)
-            out = torch.full((mask.shape[0], max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-            active = torch.arange(mask.shape[0], device=device)
-            generator = torch.Generator(device=device).manual_seed(seed)
-            for step in range(max_new_tokens):
-                probabilities = torch.softmax(self.warpers(None, logits), dim=-1)
-                tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
-                out[active, step] = tokens
-                writing = ~torch.isin(tokens, eos_ids)
-                if step == max_new_tokens - 1 or not writing.any():
-                    break
-                if not writing.all():  # finished rows leave the batch and the cache
-                    keep = writing.nonzero().squeeze(1)
-                    cache.batch_select_indices(keep)
-                    active, mask, tokens = active[keep], mask[keep], tokens[keep]
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
-                                    position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
-                                    use_cache=True).logits[:, -1].float()
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [texts[i * k:(i + 1) * k] for i in range(len(rows))]
 
 
 class VLLMGenerator:
@@ -416,9 +129,6 @@ def load_models(config: GenerateConfig) -> GenerationModels:
                             SentenceEmbedder.from_pretrained(config.embedder))
 
 
-# ------------------------------------------------------------------------------------------------ one chunk
-
-
 def chunk_seed(seed: int, chunk: int, prompt_index: int) -> int:
     """The sampling seed of one prompt kind in one chunk: independent of which chunks ran before."""
     return int(np.random.SeedSequence([seed, chunk, prompt_index]).generate_state(1)[0])
@@ -481,9 +191,6 @@ def pair_record(record: dict[str, Any], config: GenerateConfig) -> PairRecord:
             "anchor_phi": record["anchor_scores"]["phi"], "anchor_toxicity": record["anchor_scores"]["toxicity"],
             "target_model": _model_label(config.target_model), "seed": config.seed}
     return PairRecord(record["id"], record["anchor"], chosen("positive"), chosen("negative"), record["group"], meta)
-
-
-# ------------------------------------------------------------------------------------------------ the run
 
 
 def _claim_output_dir(out: Path, config: GenerateConfig) -> None:
@@ -558,9 +265,6 @@ def run_generation(config: GenerateConfig, models: GenerationModels | None = Non
         atomic_write_text(pairs_path, "")
     write_card(out, config, log, _prompts(out, config, models))
     return pairs_path
-
-
-# ------------------------------------------------------------------------------------------------ the card
 
 
 def write_card(out: Path, config: GenerateConfig, log: Sequence[dict[str, Any]], prompts: dict[str, Any]

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cpwb.core.files import (
-    atomic_path,
-)
+from cpwb.core.files import atomic_path
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

@@ -9,10 +9,7 @@ import torch
 
 from cpwb.core.errors import ConfigError
 from cpwb.data.pairs import PairRecord
-from cpwb.engine.nll import (
-    encode,
-    packing_matches,
-)
+from cpwb.engine.nll import encode, packing_matches
 from cpwb.steps.training.config import TrainConfig
 
 

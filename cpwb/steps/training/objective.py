@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 
 from cpwb.engine import loss as losses
-from cpwb.engine.nll import (
-    SequenceNLL,
-    TokenBatch,
-    encode,
-    scored_states,
-    sequence_kl,
-    sequence_nll,
-)
+from cpwb.engine.nll import SequenceNLL, TokenBatch, encode, scored_states, sequence_kl, sequence_nll
 from cpwb.steps.training.batches import AnchorBatch
 from cpwb.steps.training.config import TrainConfig
 

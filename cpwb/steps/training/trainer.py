@@ -22,33 +22,14 @@ from tqdm.auto import tqdm
 
 from cpwb.core.config import require_same_settings, to_dict, yaml_text
 from cpwb.core.errors import CpwbError
-from cpwb.core.files import (
-    append_jsonl,
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    read_jsonl_tolerant,
-)
+from cpwb.core.files import append_jsonl, atomic_path, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from cpwb.data.corpora import general_texts
 from cpwb.data.pairs import PairRecord
 from cpwb.engine.device import peak_memory_mb, pick_device
-from cpwb.steps.training.batches import (
-    anchor_order,
-    build_anchor_batch,
-    load_training_pairs,
-)
-from cpwb.steps.training.checkpoints import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from cpwb.steps.training.batches import anchor_order, build_anchor_batch, load_training_pairs
+from cpwb.steps.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cpwb.steps.training.config import TrainConfig
-from cpwb.steps.training.model import (
-    build_model,
-    check_target_modules,
-    make_optimizer,
-    use_packing,
-)
+from cpwb.steps.training.model import build_model, check_target_modules, make_optimizer, use_packing
 from cpwb.steps.training.objective import objective_loss
 
 
