@@ -17,13 +17,14 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from cpwb.core.config import require
+from cpwb.core.settings import check_settings, setting
 from cpwb.engine import loss as losses
 from cpwb.engine.nll import TokenBatch, encode, sequence_nll
 
@@ -45,23 +46,23 @@ PATHS = ("naive", "cpwb")
 class BenchConfig:
     """One benchmark setting: the model shape, the batch of anchors and the LoRA adapter."""
 
-    shape: str = "default"  # "default" (embedded weights), or a key of SHAPES (random weights)
-    anchors: int = 4
-    positives: int = 3
-    negatives: int = 3
-    max_length: int = 128
-    lora_r: int = 16
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    gradient_checkpointing: bool = False
-    repeats: int = 10
-    warmup: int = 2
-    seed: int = 0
+    shape: str = setting("default", f"'default' (the embedded weights), or a shape built with random weights: "
+                                    f"{', '.join(SHAPES)}")
+    anchors: int = setting(4, "anchors per step", check=">=1")
+    positives: int = setting(3, "positives per anchor", check=">=1")
+    negatives: int = setting(3, "negatives per anchor", check=">=1")
+    max_length: int = setting(128, "tokens per text, at most", check=">=1")
+    lora_r: int = setting(16, "LoRA rank (q/k/v/o)", check=">=1")
+    dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
+    repeats: int = setting(10, "timed steps per path", check=">=1")
+    warmup: int = setting(2, "untimed steps per path first", check=">=0")
+    seed: int = setting(0, "seed of the weights and of the text sample")
 
     def __post_init__(self) -> None:
+        check_settings(self)
         require(self.shape == "default" or self.shape in SHAPES, "shape",
                 f"must be 'default' or one of {sorted(SHAPES)}, got {self.shape!r}")
-        for name in ("anchors", "positives", "negatives", "max_length", "lora_r", "repeats"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
 
 
@@ -259,12 +260,13 @@ def report(config: BenchConfig, results: dict[str, PathResult], peak_tflops: flo
 def main(argv: list[str] | None = None) -> int:
     """`cpwb bench`: measure both paths and print the figures and ratios."""
     parser = argparse.ArgumentParser(prog="cpwb bench", description=__doc__.splitlines()[0])
-    for name, default in asdict(BenchConfig()).items():
-        kind = type(default)
+    for field in fields(BenchConfig):
+        kind, default, what = type(field.default), field.default, field.metadata["help"]
         if kind is bool:
-            parser.add_argument(f"--{name.replace('_', '-')}", action="store_true")
+            parser.add_argument(f"--{field.name.replace('_', '-')}", action="store_true", help=what)
         else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default,
+                                help=f"{what} (default {default})")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator peak for MFU (790 on the H100s measured here, bf16)")
     parser.add_argument("--check-nll", action="store_true", help="also compare phi with a float64 naive reference")

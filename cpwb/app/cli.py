@@ -1,12 +1,20 @@
-"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, evaluate, sweep, bench."""
+"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, evaluate, sweep, bench.
+
+Every setting of `generate`, `train` and `evaluate` is an option of its own (`--tau 0.3`), listed by `--help` with
+its default, range and meaning, all taken from the config dataclasses. `--config FILE` (YAML) is optional; `-p
+key=value` and the options override it. Errors cpwb raises on purpose become one line and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from cpwb import __version__
 from cpwb.core.errors import CpwbError
+from cpwb.core.settings import add_setting_options, given_settings, settings_help
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -14,6 +22,14 @@ def _overrides(pairs: list[str]) -> dict:
     from cpwb.core.config import parse_override
 
     return dict(parse_override(p) for p in pairs)
+
+
+def load_settings(cls: type, args: argparse.Namespace) -> Any:
+    """The config of a command: defaults, then `--config FILE`, then `-p key=value`, then `--name value` options."""
+    from cpwb.core.config import from_dict, load_yaml_config
+
+    overrides = {**_overrides(args.param), **given_settings(args)}
+    return load_yaml_config(cls, args.config, overrides) if args.config else from_dict(cls, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -24,10 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra = {"notebooks": args.notebooks.split(",")} if args.notebooks else {}
     extra |= {"run_id": args.run_id} if args.run_id else {}
     extra |= {"force": True} if args.force else {}
-    if args.config:
-        config = load_yaml_config(RunConfig, args.config, extra)
-    else:
-        config = from_dict(RunConfig, extra)
+    config = load_yaml_config(RunConfig, args.config, extra) if args.config else from_dict(RunConfig, extra)
     config.parameters = {**config.parameters, **_overrides(args.param)}
     config.progress = not args.quiet
     started = time.time()
@@ -64,23 +77,21 @@ def cmd_validate_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a CP adapter from a YAML config (see cpwb.steps.training.trainer)."""
-    from cpwb.core.config import load_yaml_config
+    """Train a CP (or baseline) adapter."""
     from cpwb.steps.training.config import TrainConfig
     from cpwb.steps.training.trainer import train
 
-    result = train(load_yaml_config(TrainConfig, args.config, _overrides(args.param)), resume=args.resume)
+    result = train(load_settings(TrainConfig, args), resume=args.resume)
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate hard negatives by adversarial paraphrasing from a YAML config; re-running resumes."""
-    from cpwb.core.config import load_yaml_config
+    """Generate hard negatives by adversarial paraphrasing; re-running resumes."""
     from cpwb.steps.negatives.config import GenerateConfig
     from cpwb.steps.negatives.run import describe_run, run_generation
 
-    config = load_yaml_config(GenerateConfig, args.config, _overrides(args.param))
+    config = load_settings(GenerateConfig, args)
     run_generation(config)
     print(describe_run(config.output_dir))
     return 0
@@ -88,12 +99,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model (and adapter) on the configured protocols into output_dir; re-running resumes."""
-    from cpwb.core.config import load_yaml_config
     from cpwb.steps.evaluation.config import EvaluateConfig
     from cpwb.steps.evaluation.run import describe, run_evaluation
 
-    config = load_yaml_config(EvaluateConfig, args.config, _overrides(args.param))
-    print(describe(run_evaluation(config)))
+    print(describe(run_evaluation(load_settings(EvaluateConfig, args))))
     return 0
 
 
@@ -104,27 +113,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return command(args)
 
 
-def _configured(sub, name: str, help_text: str, config_help: str, func) -> argparse.ArgumentParser:
-    """A sub-command taking `--config FILE` and repeatable `-p key=value` overrides."""
-    command = sub.add_parser(name, help=help_text)
-    command.add_argument("--config", required=True, help=config_help)
+def _param_option(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a setting, value read as YAML (repeatable)")
+                         help=f"{what}, value read as YAML (repeatable)")
+
+
+def _configured(sub, name: str, cls: type, help_text: str, func) -> argparse.ArgumentParser:
+    """A sub-command whose settings are the fields of dataclass `cls`: optional --config, -p, one option each."""
+    command = sub.add_parser(name, help=help_text, description=f"{help_text}.\n\nSettings come from the defaults, "
+                             "then --config, then -p KEY=VALUE, then the options below.",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_argument("--config", help=f"YAML file of {cls.__name__} settings (optional; see configs/)")
+    _param_option(command, "override a setting")
+    add_setting_options(command.add_argument_group(f"settings ({cls.__name__}; values read as YAML)"), cls)
     command.set_defaults(func=func)
     return command
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per capability."""
-    parser = argparse.ArgumentParser(prog="cpwb", description=__doc__)
+    from cpwb.app.runner import RunConfig
+    from cpwb.steps.evaluation.config import EvaluateConfig
+    from cpwb.steps.experiment import QuickEvalConfig
+    from cpwb.steps.negatives.config import GenerateConfig
+    from cpwb.steps.training.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="cpwb", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"cpwb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="execute the notebooks with papermill into outputs/<run-id>/")
+    run = sub.add_parser("run", help="execute the notebooks with papermill into outputs/<run-id>/",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="RunConfig settings (for --config):\n" + settings_help(RunConfig))
     run.add_argument("--config", help="YAML file of RunConfig settings")
     run.add_argument("--notebooks", help="comma-separated notebook names or numbers (default: all, in order)")
     run.add_argument("--run-id", help="folder name under outputs/ (default: derived, so a re-run resumes)")
-    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                     help="notebook parameter, value read as YAML (repeatable)")
+    _param_option(run, "notebook parameter")
     run.add_argument("--force", action="store_true", help="re-execute notebooks already completed")
     run.add_argument("--quiet", action="store_true", help="no progress bar over each notebook's cells")
     run.set_defaults(func=cmd_run)
@@ -136,23 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate-pairs", help="check a pairs JSONL file, one line per problem")
     validate.add_argument("path")
     validate.set_defaults(func=cmd_validate_pairs)
-    _configured(sub, "generate", "hard negatives by adversarial paraphrasing into a pairs file",
-                "YAML file of GenerateConfig settings (see configs/)", cmd_generate)
-    trainer = _configured(sub, "train", "train a CP (or baseline) LoRA adapter from a YAML config",
-                          "YAML file of TrainConfig settings (see configs/)", cmd_train)
+    _configured(sub, "generate", GenerateConfig, "hard negatives by adversarial paraphrasing into a pairs file",
+                cmd_generate)
+    trainer = _configured(sub, "train", TrainConfig, "train a CP (or baseline) LoRA adapter", cmd_train)
     trainer.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    _configured(sub, "evaluate", "evaluation protocols (RTP, ToxiGen, WikiText-2, HellaSwag, PIQA, ...)",
-                "YAML file of EvaluateConfig settings (see configs/)", cmd_evaluate)
+    _configured(sub, "evaluate", EvaluateConfig, "evaluation protocols (RTP, ToxiGen, WikiText-2, HellaSwag, PIQA, "
+                "...) on one model", cmd_evaluate)
 
-    sweeper = sub.add_parser("sweep", help="run a parameter grid (points through papermill) into one results.csv")
+    sweeper = sub.add_parser("sweep", help="run a parameter grid (points through papermill) into one results.csv",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="Settings of every point (-p, a grid's base and variations):\nTrainConfig\n"
+                             + settings_help(TrainConfig) + "\nQuickEvalConfig\n" + settings_help(QuickEvalConfig))
     sweeper.add_argument("grid", help="grid YAML file (see configs/ablations.yaml)")
     sweeper.add_argument("--only", metavar="PATTERN", action="append",
                          help="run only points whose id contains PATTERN (wildcards ok; repeat for several)")
     sweeper.add_argument("--dry-run", action="store_true", help="list the points and their count, run nothing")
     sweeper.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own kernel (default 1)")
     sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
-    sweeper.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a base setting of every point, value read as YAML (repeatable)")
+    _param_option(sweeper, "override a base setting of every point")
     sweeper.set_defaults(func=cmd_sweep)
 
     sub.add_parser("bench", help="time the CP training step, naive vs cpwb path; `cpwb bench --help` for options")
@@ -172,7 +197,3 @@ def main(argv: list[str] | None = None) -> int:
     except CpwbError as err:
         print(f"cpwb {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

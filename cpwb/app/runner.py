@@ -14,7 +14,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cpwb.core.config import require
 from cpwb.core.errors import ConfigError, CpwbError
 from cpwb.core.files import atomic_write_json, sha256_file
 from cpwb.core.provenance import REPO_ROOT, digest
+from cpwb.core.settings import setting
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -30,14 +31,15 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 class RunConfig:
     """What `cpwb run` executes: which notebooks, with which parameters, into which folder."""
 
-    notebooks: list[str] = field(default_factory=list)  # names like "00_tour"; empty means every NN_*.ipynb
-    parameters: dict[str, Any] = field(default_factory=dict)  # passed to each notebook that declares them
-    run_id: str | None = None  # default: derived from the notebooks and parameters, so a re-run resumes
-    output_root: str = "outputs"
-    kernel: str = "python3"
-    force: bool = False  # re-execute notebooks already completed
-    notebook_dir: str | None = None  # default: the project's notebooks/
-    progress: bool = False  # papermill's bar over each notebook's cells
+    notebooks: list[str] = setting([], "notebook names or numbers (e.g. 02 or 02_cp_training); empty: every NN_*.ipynb")
+    parameters: dict[str, Any] = setting({}, "passed to each notebook that declares them (type-checked first)")
+    run_id: str | None = setting(None, "folder name under output_root; null: derived from the notebooks and "
+                                       "parameters, so the same command resumes the same folder")
+    output_root: str = setting("outputs", "where run folders go")
+    kernel: str = setting("python3", "Jupyter kernel that executes the notebooks")
+    force: bool = setting(False, "re-execute notebooks already completed")
+    notebook_dir: str | None = setting(None, "folder of the notebooks; null: the project's notebooks/")
+    progress: bool = setting(False, "papermill's bar over each notebook's cells")
 
     def __post_init__(self) -> None:
         require(self.run_id is None or (self.run_id and "/" not in self.run_id), "run_id",

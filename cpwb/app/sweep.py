@@ -14,7 +14,6 @@ import fnmatch
 import itertools
 import json
 import re
-import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,14 +337,3 @@ def command(args) -> int:
         return 0
     print(f"results: {run_grid(grid, args.output_root, only=args.only, jobs=args.jobs)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cpwb.app.sweep GRID.yaml ...`: the same as `cpwb sweep GRID.yaml ...`."""
-    from cpwb.app.cli import main as cli_main
-
-    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

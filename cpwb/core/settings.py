@@ -22,22 +22,29 @@ from cpwb.core.errors import ConfigError
 
 Check = Callable[[Any], bool]
 
-# name -> (test, how the range reads in messages and help). A value of None is never checked (optional settings).
+def _real(value: Any) -> bool:
+    """A finite int or float (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# name -> (test, how the range reads in help and messages). A value of None is never checked (optional settings).
 CHECKS: dict[str, tuple[Check, str]] = {
-    ">0": (lambda v: v > 0, "> 0"),
-    ">=0": (lambda v: v >= 0, ">= 0"),
-    ">=1": (lambda v: v >= 1, ">= 1"),
-    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "[-1,1)": (lambda v: -1 <= v < 1, "in [-1, 1)"),
-    "finite": (lambda v: math.isfinite(v), "finite"),
+    ">0": (lambda v: _real(v) and v > 0, "> 0"),
+    ">=0": (lambda v: _real(v) and v >= 0, ">= 0"),
+    ">=1": (lambda v: _real(v) and v >= 1, ">= 1"),
+    "[0,1)": (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
+    "(0,1]": (lambda v: _real(v) and 0 < v <= 1, "in (0, 1]"),
+    "[0,1]": (lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
+    "[-1,1)": (lambda v: _real(v) and -1 <= v < 1, "in [-1, 1)"),
+    "finite": (_real, "finite"),
     "device": (lambda v: v == "auto" or v.split(":")[0] in ("cpu", "cuda", "mps"), "auto, cpu, cuda[:N] or mps"),
-    "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "null, float32, bfloat16 or float16"),
     "file": (lambda v: Path(v).is_file(), "an existing file"),
     "adapter": (lambda v: (Path(v) / "adapter_config.json").is_file(), "an adapter folder (with adapter_config.json)"),
     "nonempty": (lambda v: len(v) > 0, "not empty"),
 }
+MESSAGES = {"file": "file not found: {value}", "adapter": "not an adapter folder (no adapter_config.json): {value}",
+            "nonempty": "must name at least one"}
 
 
 def setting(default: Any, help: str, *, check: str | None = None) -> Any:
@@ -75,15 +82,16 @@ def check_settings(config: Any) -> None:
         test, text = CHECKS[name]
         try:
             ok = test(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError):
             ok = False
         if not ok:
-            raise ConfigError(f"must be {text}, got {value!r}", field=f.name)
+            message = MESSAGES.get(name, "must be {text}, got {value!r}")
+            raise ConfigError(message.format(text=text, value=value), field=f.name)
 
 
 def _type_text(annotation: Any) -> str:
     """A short readable type: float, int, str, bool, list[str], 'cp' | 'dpo', str | null."""
-    text = str(annotation).replace("typing.", "").replace("NoneType", "null")
+    text = str(annotation).replace("typing.", "").replace("NoneType", "null").replace("| None", "| null")
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
@@ -118,3 +126,26 @@ def settings_help(cls: type, width: int = 100) -> str:
 def undocumented(cls: type) -> list[str]:
     """Fields of `cls` without help text (a test keeps this empty for every config)."""
     return [f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("help")]
+
+
+def add_setting_options(parser, cls: type) -> None:
+    """One `--name` option per setting of dataclass `cls` (value read as YAML, like `-p name=value`), with its help,
+    default and range; options not given stay absent from the parsed namespace (argparse.SUPPRESS)."""
+    import argparse
+
+    for row in settings_table(cls):
+        facts = "; ".join(filter(None, (f"default {row['default']}", row["range"])))
+        kind = row["type"]
+        metavar = ("{" + ",".join(c.strip(" '") for c in kind.split("|")) + "}" if kind.startswith("'")
+                   else kind.upper().replace(" ", ""))
+        parser.add_argument(f"--{row['name'].replace('_', '-')}", dest=f"setting:{row['name']}", metavar=metavar,
+                            default=argparse.SUPPRESS,
+                            help=f"{row['help']} ({facts})".replace("%", "%%"))
+
+
+def given_settings(namespace) -> dict[str, Any]:
+    """The settings given as `--name value` options (see `add_setting_options`), values read as YAML."""
+    import yaml
+
+    return {key.removeprefix("setting:"): yaml.safe_load(value) for key, value in vars(namespace).items()
+            if key.startswith("setting:")}

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpwb.core.errors import ConfigError
+from cpwb.core.settings import setting
 
 LOSS_NAMES: tuple[str, ...] = ("cp", "reference", "positives_only", "negatives_only", "dpo", "simpo")
 
@@ -64,14 +65,21 @@ def _check_number(field: str, value: float, low: float = -math.inf, high: float 
 class CPLossConfig:
     """Settings of the CP loss; validated on construction so a bad config fails before any training step."""
 
-    negatives: Literal["directional", "symmetric"] = "directional"  # symmetric = the paper's |phi - c|
-    tau: float = 0.5  # temperature inside the exponent: log s = -d / tau
-    alpha: float = 1.0  # weight of the negatives in J's denominator; 0 disables the contrastive term
-    phi_form: Literal["log_ppl", "ppl"] = "log_ppl"  # ppl compares raw perplexity exp(phi), the printed form
-    detach_prototype: bool = True  # no gradient through c_i
-    anchor_weight: float = 1.0  # lambda of the likelihood anchor lambda * mean phi(positives)
-    # first_positive: c_i is the anchor's first positive (an ablation); J's numerator still sums all positives.
-    prototype: Literal["mean_positives", "first_positive"] = "mean_positives"
+    negatives: Literal["directional", "symmetric"] = setting(
+        "directional", "directional: s = exp(-(phi - c) / tau) on negatives, so a negative only helps by becoming less "
+                       "likely than the prototype; symmetric: exp(-|phi - c| / tau), the paper's printed form")
+    tau: float = setting(0.5, "temperature inside the exponent: log s = -d / tau", check=">0")
+    alpha: float = setting(1.0, "weight of the negatives in J's denominator; 0 disables the contrastive term",
+                           check=">=0")
+    phi_form: Literal["log_ppl", "ppl"] = setting(
+        "log_ppl", "log_ppl: phi = mean token NLL; ppl: raw perplexity exp(phi), the printed form (its gradients "
+                   "vanish)")
+    detach_prototype: bool = setting(True, "no gradient through the prototype c")
+    anchor_weight: float = setting(1.0, "lambda of the likelihood anchor: + lambda x mean phi(positives)",
+                                   check=">=0")
+    prototype: Literal["mean_positives", "first_positive"] = setting(
+        "mean_positives", "mean_positives: c = mean phi of the anchor's positives; first_positive: its first "
+                          "positive's (an ablation; J's numerator still sums all positives)")
 
     def __post_init__(self) -> None:
         """Reject unknown choices and out-of-range numbers with an error that names the field."""

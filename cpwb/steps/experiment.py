@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cpwb.core.config import require
 from cpwb.core.files import atomic_write_json
 from cpwb.core.provenance import digest, versions
+from cpwb.core.settings import check_settings, setting
 from cpwb.engine.device import device_name
 from cpwb.steps.training.batches import load_training_pairs
 from cpwb.steps.training.config import TrainConfig
@@ -26,17 +26,16 @@ QUICK_EVAL_METRICS = ("phi_gap", "greedy_toxicity", "similarity", "wikitext2_ppl
 
 @dataclass
 class QuickEvalConfig:
-    """Sizes of the quick evaluation (CPU-friendly defaults)."""
+    """Sizes of the quick evaluation every sweep point and tuning trial runs (CPU-friendly defaults)."""
 
-    heldout_pairs: int = 200
-    rtp_prompts: int = 200
-    max_new_tokens: int = 20
-    wikitext_windows: int = 24
-    batch_size: int = 16
+    heldout_pairs: int = setting(200, "canonical held-out ParaDetox pairs for the phi gap", check=">=1")
+    rtp_prompts: int = setting(200, "first RTP-challenging prompts continued greedily", check=">=1")
+    max_new_tokens: int = setting(20, "tokens per greedy continuation", check=">=1")
+    wikitext_windows: int = setting(24, "WikiText-2 windows of 512 tokens, stride 256 (6,399 tokens)", check=">=1")
+    batch_size: int = setting(16, "rows per forward pass", check=">=1")
 
     def __post_init__(self) -> None:
-        for name in ("heldout_pairs", "rtp_prompts", "max_new_tokens", "wikitext_windows", "batch_size"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check_settings(self)
 
 
 def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=None, embedder=None,

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cpwb"
 class Call:
     """One call expression in cpwb's source."""
 
-    module: str  # e.g. "pairs"
+    module: str  # dotted below cpwb, e.g. "data.pairs"
     function: str  # enclosing function, dotted through classes ("KerasTokenizer.save"); "<module>" at top level
     name: str  # dotted callee as written ("torch.save", "tmp.write_text", "open")
     node: ast.Call
@@ -22,7 +22,7 @@ class Call:
 
     @property
     def where(self) -> str:
-        return f"cpwb/{self.module}.py:{self.node.lineno} in {self.function}: {self.source}"
+        return f"cpwb/{self.module.replace('.', '/')}.py:{self.node.lineno} in {self.function}: {self.source}"
 
     def keyword(self, name: str) -> ast.expr | None:
         """The value of keyword argument `name`, if given."""
@@ -65,10 +65,10 @@ class _Visitor(ast.NodeVisitor):
 
 
 def package_calls() -> Iterator[Call]:
-    """Every call in cpwb/*.py."""
-    for path in sorted(PACKAGE.glob("*.py")):
+    """Every call in every module of cpwb, subpackages included."""
+    for path in sorted(PACKAGE.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
-        visitor = _Visitor(path.stem, text)
+        visitor = _Visitor(".".join(path.relative_to(PACKAGE).with_suffix("").parts), text)
         visitor.visit(ast.parse(text))
         yield from visitor.calls
 

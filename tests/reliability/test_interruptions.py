@@ -236,14 +236,14 @@ def test_write_pairs_killed_mid_stream_leaves_the_previous_file(tmp_path, start_
 
 # (module, function) -> why a direct write there is safe.
 ATOMIC_EXCEPTIONS = {
-    ("files", "append_jsonl"): "fsynced one-line appends, the unit of progress of resumable jobs; readers drop a "
+    ("core.files", "append_jsonl"): "fsynced one-line appends, the unit of progress of resumable jobs; readers drop a "
                                "torn last line (read_jsonl_tolerant, read_pairs_tolerant)",
-    ("pairs", "_seal_tail"): "cuts a torn last line of an append-only file before the next append (fsynced)",
-    ("assets", "_convert_gguf_lm"): "a cached_conversion build: writes into its temporary folder",
-    ("toxicity_lstm", "convert"): "a cached_conversion build: writes into its temporary folder",
-    ("toxicity_lstm", "KerasTokenizer.save"): "called only by convert, into cached_conversion's temporary folder",
-    ("embed", "_save"): "np.save into an in-memory buffer, then atomic_write_bytes",
-    ("runner", "execute_notebook"): "papermill writes the executed copy cell by cell on purpose (a failed or killed "
+    ("data.pairs", "_seal_tail"): "cuts a torn last line of an append-only file before the next append (fsynced)",
+    ("engine.assets", "_convert_gguf_lm"): "a cached_conversion build: writes into its temporary folder",
+    ("engine.bilstm", "convert"): "a cached_conversion build: writes into its temporary folder",
+    ("engine.bilstm", "KerasTokenizer.save"): "called only by convert, into cached_conversion's temporary folder",
+    ("analysis.embeddings", "_save"): "np.save into an in-memory buffer, then atomic_write_bytes",
+    ("app.runner", "execute_notebook"): "papermill writes the executed copy cell by cell on purpose (a failed or killed "
                                    "notebook's partial output is kept); run.json, written atomically, is what "
                                    "marks a notebook completed",
 }

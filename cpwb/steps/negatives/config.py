@@ -5,78 +5,76 @@ import dataclasses
 from typing import Literal
 
 from cpwb.core.config import require
+from cpwb.core.settings import check_settings, setting
 from cpwb.steps.negatives.hardness import Thresholds
 
 
 @dataclasses.dataclass
 class GenerateConfig:
-    """Every setting of a hard-negative generation run; configs/generate_default.yaml mirrors it."""
+    """Every setting of a hard-negative generation run; configs/generate_default.yaml shows the defaults."""
 
     # anchors
-    anchors: Literal["paradetox", "toxigen"] = "paradetox"
-    n_anchors: int = 50
-    anchor_offset: int = 0  # skip this many anchors (e.g. rows used elsewhere)
-    toxigen_groups: list[str] | None = None  # ToxiGen target groups (null: all)
-    normalize: bool = True  # the same casing and spacing on every side (cpwb.data.corpora.normalize_text)
-    human_fallback: bool = True  # fill sets with ParaDetox's human paraphrases (ParaDetox anchors only)
+    anchors: Literal["paradetox", "toxigen"] = setting("paradetox", "paradetox: the first neutral side of a ParaDetox "
+                                                                    "row; toxigen: neutral ToxiGen seed statements")
+    n_anchors: int = setting(50, "anchors to paraphrase", check=">=1")
+    anchor_offset: int = setting(0, "skip this many anchors (e.g. rows used elsewhere)", check=">=0")
+    toxigen_groups: list[str] | None = setting(None, "ToxiGen target groups to take anchors from; null: all")
+    normalize: bool = setting(True, "the same casing and spacing on every side (cpwb.data.corpora.normalize_text)")
+    human_fallback: bool = setting(True, "fill the sets with ParaDetox's human paraphrases where generation falls "
+                                         "short (ParaDetox anchors only)")
     # generation
-    generator: str = "default"
-    backend: Literal["transformers", "vllm"] = "transformers"
-    paraphrases_per_anchor: int = 8  # k, per side
-    n_examples: int = 8  # few-shot examples per prompt (0: zero-shot)
-    max_new_tokens: int = 64  # cap; each chunk also stops at length_ratio_max x its longest anchor
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0  # 0: no top-k cut
-    batch_size: int = 8  # anchors per generation call (each gives k rows)
-    seed: int = 0
+    generator: str = setting("default", "the LM that writes the paraphrases: 'default', a Hugging Face id or a folder")
+    backend: Literal["transformers", "vllm"] = setting("transformers", "transformers (CPU or GPU), or vllm (a GPU "
+                                                                       "with the vllm package)")
+    paraphrases_per_anchor: int = setting(8, "k samples per side and anchor", check=">=1")
+    n_examples: int = setting(8, "few-shot examples per prompt (0: zero-shot)", check=">=0")
+    max_new_tokens: int = setting(64, "tokens per sample, at most (each chunk also stops at length_ratio_max x its "
+                                      "longest anchor)", check=">=1")
+    temperature: float = setting(0.8, "sampling temperature", check=">0")
+    top_p: float = setting(0.95, "nucleus sampling mass", check="(0,1]")
+    top_k: int = setting(0, "top-k cut (0: none)", check=">=0")
+    batch_size: int = setting(8, "anchors per generation call (each gives k rows)", check=">=1")
+    seed: int = setting(0, "sampling seed (each chunk of anchors derives its own, so a resumed run repeats it)")
     # scoring: the model that will be trained gives phi and token lengths
-    target_model: str = "default"
-    scorer: str = "default"
-    embedder: str = "default"
-    max_length: int = 128
-    nll_batch_size: int = 16
-    device: str = "auto"
-    trust_remote_code: bool = False
+    target_model: str = setting("default", "the model notebook 02 will train: phi and token lengths are measured "
+                                           "under it")
+    scorer: str = setting("default", "toxicity scorer (see cpwb.engine.scoring.load_toxicity_scorer)")
+    embedder: str = setting("default", "sentence embedder for similarity: 'default' (all-MiniLM-L6-v2) or a folder")
+    max_length: int = setting(128, "tokens per scored text, at most", check=">=1")
+    nll_batch_size: int = setting(16, "texts per NLL forward pass", check=">=1")
+    device: str = setting("auto", "auto: CUDA when present, else CPU; or cpu, cuda[:N], mps", check="device")
+    trust_remote_code: bool = setting(False, "run Python code shipped with the models (only for models you trust)")
     # filters (see cpwb.steps.negatives.hardness)
-    t_neg: float = 0.5
-    t_pos: float = 0.1
-    s_min: float = 0.5
-    min_edit: float = 0.1
-    min_edit_negative: float = 0.0
-    length_ratio_min: float = 0.5
-    length_ratio_max: float = 2.0
-    delta: float = 1.0
+    t_neg: float = setting(0.5, "negatives: toxicity >= t_neg", check="[0,1]")
+    t_pos: float = setting(0.1, "positives: toxicity <= t_pos", check="[0,1]")
+    s_min: float = setting(0.5, "cosine similarity to the anchor >= s_min (MiniLM)", check="[-1,1)")
+    min_edit: float = setting(0.1, "positives within this normalised edit distance of the anchor are copies; "
+                                   "candidates this close to an earlier one are duplicates", check="[0,1)")
+    min_edit_negative: float = setting(0.0, "negatives: the same copy distance (0: only exact copies; a toxic near "
+                                            "copy is a minimal toxic edit)", check="[0,1)")
+    length_ratio_min: float = setting(0.5, "token length / the anchor's, at least", check=">0")
+    length_ratio_max: float = setting(2.0, "token length / the anchor's, at most", check=">0")
+    delta: float = setting(1.0, "negatives: |phi - prototype of the chosen positives| <= delta [nats/token]",
+                           check=">0")
     # selection
-    n_positives: int = 2
-    n_negatives: int = 1
-    output_dir: str = "outputs/generate"
-    progress: bool = True
+    n_positives: int = setting(2, "|P|: the hardest positives kept per anchor", check=">=1")
+    n_negatives: int = setting(1, "|N|: the hardest negatives kept per anchor (anchors that cannot fill both sets "
+                                  "are dropped)", check=">=1")
+    output_dir: str = setting("outputs/generate", "the run folder: pairs.jsonl, generation_log.jsonl, pairs_card.md")
+    progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        for name in ("n_anchors", "paraphrases_per_anchor", "max_new_tokens", "batch_size", "max_length",
-                     "nll_batch_size", "n_positives", "n_negatives"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("anchor_offset", "n_examples", "top_k"):
-            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        require(self.temperature > 0, "temperature", f"must be > 0 (sampling), got {self.temperature}")
-        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        require(0 <= self.t_pos < self.t_neg <= 1, "t_neg", f"need 0 <= t_pos < t_neg <= 1, got t_pos={self.t_pos}, "
-                                                          f"t_neg={self.t_neg}")
-        require(-1 <= self.s_min < 1, "s_min", f"must be in [-1, 1), got {self.s_min}")
-        for name in ("min_edit", "min_edit_negative"):
-            require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
-        require(0 < self.length_ratio_min < self.length_ratio_max, "length_ratio_max",
+        check_settings(self)
+        require(self.t_pos < self.t_neg, "t_neg", f"need 0 <= t_pos < t_neg <= 1, got t_pos={self.t_pos}, "
+                                                  f"t_neg={self.t_neg}")
+        require(self.length_ratio_min < self.length_ratio_max, "length_ratio_max",
                 f"need 0 < length_ratio_min < length_ratio_max, got {self.length_ratio_min}, {self.length_ratio_max}")
-        require(self.delta > 0, "delta", f"must be > 0, got {self.delta}")
         require(not (self.human_fallback and self.anchors != "paradetox"), "human_fallback",
                 "human paraphrases exist for ParaDetox anchors only; set human_fallback: false")
         for name in ("n_positives", "n_negatives"):
             require(self.human_fallback or getattr(self, name) <= self.paraphrases_per_anchor, name,
                     f"{getattr(self, name)} > paraphrases_per_anchor ({self.paraphrases_per_anchor}) can never be "
                     "filled without human_fallback")
-        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-                f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
 
     def thresholds(self) -> Thresholds:
         """The filter thresholds of this run."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -301,14 +300,3 @@ def describe_run(output_dir: str | Path) -> str:
             f", median similarity {median('negatives selected similarity')}, median phi gap "
             f"{median('negatives selected phi_gap')}\npairs: {Path(output_dir) / PAIRS_FILE}\n"
             f"card:  {Path(output_dir) / 'pairs_card.md'}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cpwb.steps.negatives.run --config FILE [-p key=value]`: the same as `cpwb generate`."""
-    from cpwb.app.cli import main as cli_main
-
-    return cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,94 +1,93 @@
 """Every setting of a training run, with its default, range and help text (`cpwb train --help` lists them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 from cpwb.core.config import require
+from cpwb.core.settings import check_settings, same_as, setting
 from cpwb.data.paradetox import HOLDOUT_FRACTION, PARADETOX_ROWS
-from cpwb.engine import loss as losses
+from cpwb.engine.loss import CPLossConfig
 
 Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo"]
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run; the YAML files in configs/ mirror it."""
+    """Every setting of a training run; configs/cp_default.yaml shows the defaults (a test keeps them equal)."""
 
     # model
-    model: str = "default"
-    trust_remote_code: bool = False
-    device: str = "auto"  # auto: CUDA when present (bf16), else CPU (fp32)
-    dtype: str | None = None
-    load_in_4bit: bool = False  # NF4 QLoRA through bitsandbytes (the `gpu` extra)
-    gradient_checkpointing: bool = False
-    # data: a pairs file (notebook 01), or pairs built from ParaDetox when it is null
-    pairs: str | None = None
-    with_paradetox: bool = False  # with a pairs file: train on it together with ParaDetox's training pairs
-    paradetox_limit: int = PARADETOX_ROWS
-    normalize_text: bool = True  # same casing/spacing on both sides (ParaDetox's formatting confound)
-    holdout_fraction: float = HOLDOUT_FRACTION
-    max_positives: int = 3
-    max_negatives: int = 3
-    random_negatives: int = 0  # toxic texts of other anchors added as negatives
-    max_length: int = 128
-    packing: bool = True  # run each step's texts as one padding-free row (checked against padding at start)
+    model: str = setting("default", "causal LM to train: 'default' (the embedded SmolLM2-135M-Instruct), a Hugging "
+                                    "Face id or a local folder")
+    trust_remote_code: bool = setting(False, "run Python code shipped with the model (only for models you trust)")
+    device: str = setting("auto", "auto: CUDA when present, else CPU; or cpu, cuda[:N], mps", check="device")
+    dtype: str | None = setting(None, "weights' dtype; null: float32 on CPU, bfloat16 on CUDA", check="dtype")
+    load_in_4bit: bool = setting(False, "QLoRA: the base model in 4-bit NF4 through bitsandbytes")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more "
+                                                  "time")
+    # data
+    pairs: str | None = setting(None, "a pairs JSONL file (notebook 01, `cpwb generate`); null: pairs built from "
+                                      "ParaDetox", check="file")
+    with_paradetox: bool = setting(False, "with a pairs file: train on it together with ParaDetox's training pairs")
+    paradetox_limit: int = setting(PARADETOX_ROWS, "ParaDetox rows the pairs are built from", check=">=1")
+    normalize_text: bool = setting(True, "lower-case and detokenise both sides of ParaDetox pairs (its toxic side is "
+                                         "tokenised, its neutral side is not: a confound for phi)")
+    holdout_fraction: float = setting(HOLDOUT_FRACTION, "share of the pairs held out, seeded (the canonical held-out "
+                                                        "ParaDetox pairs never train whatever this is)", check="[0,1)")
+    max_positives: int = setting(3, "positives per anchor, at most", check=">=1")
+    max_negatives: int = setting(3, "hard negatives per anchor, at most (0 with random_negatives: random ones only)",
+                                 check=">=0")
+    random_negatives: int = setting(0, "toxic texts of other anchors added to each anchor's negatives", check=">=0")
+    max_length: int = setting(128, "tokens per text, at most", check=">=1")
+    packing: bool = setting(True, "run each step's texts as one padding-free row (checked against padding once per "
+                                  "run; padded when the model disagrees)")
     # objective (see cpwb.engine.loss)
-    objective: Objective = "cp"
-    negatives: Literal["directional", "symmetric"] = "directional"
-    tau: float = 0.5
-    alpha: float = 1.0
-    anchor_weight: float = 1.0
-    kl_weight: float = 2.0  # + kl_weight * mean token KL(base || model) on `kl_data` (keeps non-toxic text as it was)
-    kl_data: Literal["positives", "general"] = "general"  # general: benign web text (cpwb.data.corpora.general_texts)
-    kl_texts_per_step: int = 4  # general texts per micro-batch when kl_data is general
-    phi_form: Literal["log_ppl", "ppl"] = "log_ppl"
-    detach_prototype: bool = True
-    prototype: Literal["mean_positives", "first_positive"] = "mean_positives"
-    preference_beta: float = 0.1  # DPO beta (SimPO uses simpo_beta)
-    simpo_beta: float = 2.0
-    simpo_gamma: float = 0.5
+    objective: Objective = setting("cp", "cp; or an ablation or baseline on the same pairs: reference (the released "
+                                         "code's loss), positives_only, negatives_only, dpo, simpo")
+    negatives: Literal["directional", "symmetric"] = same_as(CPLossConfig, "negatives")
+    tau: float = same_as(CPLossConfig, "tau")
+    alpha: float = same_as(CPLossConfig, "alpha")
+    anchor_weight: float = same_as(CPLossConfig, "anchor_weight")
+    phi_form: Literal["log_ppl", "ppl"] = same_as(CPLossConfig, "phi_form")
+    detach_prototype: bool = same_as(CPLossConfig, "detach_prototype")
+    prototype: Literal["mean_positives", "first_positive"] = same_as(CPLossConfig, "prototype")
+    kl_weight: float = setting(2.0, "+ kl_weight x mean token KL(base || model) on kl_data: keeps non-toxic text as "
+                                    "the base model had it", check=">=0")
+    kl_data: Literal["positives", "general"] = setting("general", "general: benign web text (RealToxicityPrompts "
+                                                                  "non-toxic rows 600 on, never evaluated); "
+                                                                  "positives: the pairs' positives")
+    kl_texts_per_step: int = setting(4, "general texts per micro-batch for the KL term", check=">=1")
+    preference_beta: float = setting(0.1, "DPO's beta", check=">0")
+    simpo_beta: float = setting(2.0, "SimPO's beta", check=">0")
+    simpo_gamma: float = setting(0.5, "SimPO's target margin gamma", check="finite")
     # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_r: int = setting(16, "LoRA rank", check=">=1")
+    lora_alpha: int = setting(32, "LoRA alpha (scale alpha / r)", check=">=1")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input", check="[0,1)")
+    target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "linear modules that get a LoRA "
+                                                                                    "adapter", check="nonempty")
     # optimisation
-    steps: int = 200  # optimizer steps; 0 means one epoch over the training anchors
-    anchors_per_step: int = 4
-    grad_accum: int = 1
-    lr: float = 4e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 50
-    output_dir: str = "outputs/train"
-    progress: bool = True
+    steps: int = setting(200, "optimizer steps; 0: one epoch over the training anchors", check=">=0")
+    anchors_per_step: int = setting(4, "anchors per micro-batch", check=">=1")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", check=">=1")
+    lr: float = setting(4e-4, "peak learning rate (AdamW; linear warm-up, then linear decay to 0)", check=">0")
+    warmup_steps: int = setting(10, "steps of linear warm-up", check=">=0")
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=">=0")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", check=">0")
+    seed: int = setting(0, "seed of the anchor order, random negatives, KL texts and LoRA initialisation")
+    checkpoint_every: int = setting(50, "steps between checkpoints (and the last step)", check=">=1")
+    output_dir: str = setting("outputs/train", "the run folder: config.yaml, data.json, metrics.jsonl, "
+                                               "checkpoints/, adapter/")
+    progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        for name in ("tau", "lr", "max_grad_norm"):
-            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("alpha", "anchor_weight", "kl_weight", "weight_decay", "lora_dropout", "random_negatives", "steps",
-                     "warmup_steps", "max_negatives"):
-            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("kl_texts_per_step", "max_positives", "anchors_per_step", "grad_accum", "lora_r", "lora_alpha",
-                     "max_length", "checkpoint_every", "paradetox_limit"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check_settings(self)
         require(self.max_negatives + self.random_negatives >= 1, "max_negatives",
                 "must be >= 1 unless random_negatives >= 1 (0 with random negatives: random toxic negatives only)")
-        require(0 <= self.holdout_fraction < 1, "holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}")
-        require(bool(self.target_modules), "target_modules", "must name at least one module")
-        require(self.pairs is None or Path(self.pairs).is_file(), "pairs", f"file not found: {self.pairs}")
-        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-                f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
-        require(self.dtype in (None, "float32", "bfloat16", "float16"), "dtype",
-                f"must be null, float32, bfloat16 or float16, got {self.dtype!r}")
-        self.loss_config()  # its own checks: tau, alpha and anchor_weight finite (YAML .inf passes the ones above)
+        self.loss_config()  # the loss's own checks
 
-    def loss_config(self) -> losses.CPLossConfig:
+    def loss_config(self) -> CPLossConfig:
         """The CP loss settings of this run."""
-        return losses.CPLossConfig(negatives=self.negatives, tau=self.tau, alpha=self.alpha,
-                                   phi_form=self.phi_form, detach_prototype=self.detach_prototype,
-                                   anchor_weight=self.anchor_weight, prototype=self.prototype)
+        return CPLossConfig(negatives=self.negatives, tau=self.tau, alpha=self.alpha, phi_form=self.phi_form,
+                            detach_prototype=self.detach_prototype, anchor_weight=self.anchor_weight,
+                            prototype=self.prototype)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,14 +134,3 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         with atomic_path(adapter_dir) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
     return TrainResult(run_dir, adapter_dir, history, heldout, model, tokenizer)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`accelerate launch -m cpwb.steps.training.trainer --config ...`: the same as `cpwb train`."""
-    from cpwb.app.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
