@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 
 from cpwb.analysis.embeddings import hidden_states, model_embeddings, model_fingerprint, resolve_layers
-from cpwb.analysis.maps import (adapter_run, layer_sweep, layer_sweep_figure, probe_scores, project,
-                                projection_figure, silhouette, space_separation)
+from cpwb.analysis.maps import (
+    adapter_run,
+    layer_sweep,
+    layer_sweep_figure,
+    probe_scores,
+    project,
+    projection_figure,
+    silhouette,
+    space_separation,
+)
 from cpwb.core.errors import InputError
 from cpwb.data.pairs import NON_TOXIC, TOXIC, PairRecord, PairText, pair_texts
 from cpwb.steps.training.batches import load_training_pairs

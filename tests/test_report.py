@@ -1,5 +1,5 @@
 """The evaluation report: the table with directions, baselines from notebook 05 when present, report.html written
-atomically with its figures inlined."""
+atomically beside the run folder's one copy of plotly.js."""
 from __future__ import annotations
 
 import json
@@ -65,10 +65,11 @@ def test_report_without_baselines(run_dir):
     path = write_report(run_dir / "report.html", report)
     text = path.read_text(encoding="utf-8")
     assert text.count('class="plotly-graph-div"') == 2 and text.count("<script") >= 3  # library once + 2 figures
-    assert len(text) > 1_000_000  # plotly.js inlined: works offline
+    assert text.count('src="figures/plotly.min.js"') == 1 and len(text) < 500_000  # the library is referenced
+    assert (run_dir / "figures" / "plotly.min.js").stat().st_size > 1_000_000  # ... and lies beside it: offline
     assert 'class="metrics"' in text and "Expected Maximum Toxicity" in text and "↓" in text
     assert "You are &lt;b&gt;" in text and "You are <b>" not in text  # texts escaped
-    assert sorted(p.name for p in run_dir.iterdir()) == ["evaluation", "report.html"]  # no temporaries left
+    assert sorted(p.name for p in run_dir.iterdir()) == ["evaluation", "figures", "report.html"]  # no temporaries
 
 
 def test_baselines_from_notebook_05_join_the_table_and_the_scatter(run_dir):
@@ -99,7 +100,8 @@ def test_a_failed_render_leaves_the_previous_report(run_dir):
     report.figures["broken"] = object()  # not a figure: rendering fails before anything is written
     with pytest.raises(AttributeError):
         write_report(path, report)
-    assert path.read_text() == before and sorted(p.name for p in run_dir.iterdir()) == ["evaluation", "report.html"]
+    assert path.read_text() == before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["evaluation", "figures", "report.html"]
 
 
 def test_a_single_model_report(run_dir):

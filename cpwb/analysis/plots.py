@@ -1,25 +1,13 @@
-"""Plotly figures shared by the notebooks and the reports, and saving them into a run folder."""
+"""Plotly figures shared by the notebooks and the reports (cpwb.core.figures saves them into a run folder)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cpwb.core.files import atomic_write_text
 from cpwb.data.pairs import NON_TOXIC, TOXIC
 
 LABEL_COLOURS = {NON_TOXIC: "#1f77b4", TOXIC: "#d62728"}  # blue non-toxic, red toxic, in every figure
-
-
-def save_figure(fig: go.Figure, run_dir: str | Path | None, name: str) -> Path | None:
-    """Write `fig` as self-contained HTML (plotly inlined, works offline) into the run folder, atomically."""
-    if not run_dir:
-        return None
-    path = Path(run_dir) / "figures" / f"{name}.html"
-    atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
-    return path
 
 
 def paired_phi_figure(table: pd.DataFrame, title: str = "Log-perplexity of toxic texts vs their neutral paraphrases"

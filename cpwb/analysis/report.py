@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from cpwb.core.figures import PLOTLY_JS, figure_html, plotly_js
 from cpwb.core.files import atomic_write_text
 
 # (protocol, metric) -> (what it is, direction: ↓ lower is better, ↑ higher is better, · no better side), in order
@@ -295,10 +296,10 @@ table{border-collapse:collapse;margin:12px 0;font-size:14px}td,th{border:1px sol
 th{background:#f3f3f3}.examples td{vertical-align:top;max-width:360px;white-space:pre-wrap}.note{color:#555;font-size:13px}"""
 
 
-def render_html(report: Report, title: str = "cpwb evaluation report") -> str:
-    """report.html's text: one page, plotly's library inlined once (works offline)."""
-    figures = [fig.to_html(full_html=False, include_plotlyjs=index == 0)
-               for index, fig in enumerate(report.figures.values())]
+def render_html(report: Report, title: str = "cpwb evaluation report",
+                plotly_src: str = f"figures/{PLOTLY_JS}") -> str:
+    """report.html's text: one page loading plotly.js from `plotly_src` (relative to the page) once."""
+    figures = [figure_html(fig, False, full_html=False) for fig in report.figures.values()]
     settings = {k: v for k, v in report.settings.items() if k not in ("output_dir", "progress", "adapter")}
     parts = [f"<h1>{html.escape(title)}</h1>",
              *(f'<p class="note">{html.escape(note)}</p>' for note in report.notes),
@@ -325,9 +326,13 @@ def render_html(report: Report, title: str = "cpwb evaluation report") -> str:
                   _html_table(pd.DataFrame({"setting": list(settings), "value": map(str, settings.values())}),
                               "settings")]
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<script charset="utf-8" src="{html.escape(plotly_src)}"></script>'
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
 
 
 def write_report(path: str | Path, report: Report, title: str = "cpwb evaluation report") -> Path:
-    """Render and write report.html atomically: a failed render leaves any previous report as it was."""
-    return atomic_write_text(path, render_html(report, title))
+    """Render and write report.html atomically (a failed render leaves any previous report as it was), beside
+    `figures/plotly.min.js`, the run folder's one copy of plotly.js, so the page opens offline."""
+    text = render_html(report, title)
+    plotly_js(Path(path).parent / "figures")
+    return atomic_write_text(path, text)

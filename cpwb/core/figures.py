@@ -24,8 +24,8 @@ def plotly_js(folder: str | Path) -> Path:
     return path
 
 
-def figure_html(fig, script_src: str, full_html: bool = True) -> str:
-    """A figure's HTML loading plotly.js from `script_src` (a path relative to the page)."""
+def figure_html(fig, script_src: str | bool, full_html: bool = True) -> str:
+    """A figure's HTML loading plotly.js from `script_src` (a path relative to the page; False: the page loads it)."""
     return fig.to_html(include_plotlyjs=script_src, full_html=full_html)
 
 

@@ -43,16 +43,30 @@ def _manifest_ok(folder: Path) -> bool:
         return False
 
 
+def _signature(*paths: Path) -> tuple:
+    """What changes when a file does: name, size and modification time of each (of a folder's files)."""
+    files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+# folder -> signature of the source and the folder when they were last checksummed in this process
+_VERIFIED: dict[Path, tuple] = {}
+
+
 def cached_conversion(name: str, source: Path, build: Callable[[Path], None]) -> Path:
     """Return `cache_dir()/name`, building it with `build(tmp_folder)` unless a verified copy exists.
 
     The cache is keyed on the source file's checksum: a new package version rebuilds. `build` writes into a
-    temporary folder that is renamed into place only when complete.
+    temporary folder that is renamed into place only when complete. Checksums are computed once per process and
+    folder: later calls only check that no file's size or modification time has changed since.
     """
     folder = cache_dir() / name
+    if folder.is_dir() and _VERIFIED.get(folder) == _signature(source, folder):
+        return folder
     source_sha = sha256_file(source)
     if folder.is_dir() and _manifest_ok(folder):
         if json.loads((folder / MANIFEST).read_text()).get("source_sha256") == source_sha:
+            _VERIFIED[folder] = _signature(source, folder)
             return folder
     with atomic_path(folder) as tmp:
         tmp.mkdir()
@@ -60,6 +74,7 @@ def cached_conversion(name: str, source: Path, build: Callable[[Path], None]) ->
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(
             {"source": str(source), "source_sha256": source_sha, "files": files}, indent=2))
+    _VERIFIED[folder] = _signature(source, folder)
     return folder
 
 

@@ -5,6 +5,7 @@ every row and keeps decoding rows that have finished; at CPU scale those two cos
 benchmarks/generation_throughput.py)."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -22,6 +23,13 @@ class Generator(Protocol):
     def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
         """For each prompt, k sampled continuations as text (special tokens skipped)."""
         ...
+
+
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its key/value cache by: `cache` (transformers 5.x), else the older
+    `past_key_values` (deprecated in 5.x, the only one before)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -53,6 +61,7 @@ class TransformersGenerator:
         )
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.cache_arg = cache_argument(model)
         self.pad_id = pad_token_id(tokenizer)
         eos = model.generation_config.eos_token_id
         self.eos_ids = torch.tensor(sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
@@ -79,11 +88,11 @@ class TransformersGenerator:
 
         cache = DynamicCache(config=self.model.config)
         if common:
-            self.model(input_ids=ids[:1, :common], past_key_values=cache, use_cache=True)
+            self.model(input_ids=ids[:1, :common], **{self.cache_arg: cache}, use_cache=True)
             cache.batch_repeat_interleave(ids.shape[0])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids[:, common:], attention_mask=mask, position_ids=positions[:, common:],
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                            **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.batch_repeat_interleave(k)
         return cache, logits.float().repeat_interleave(k, 0)
 
@@ -112,7 +121,7 @@ class TransformersGenerator:
                     active, mask, tokens = active[keep], mask[keep], tokens[keep]
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
-                                    position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                                    position_ids=mask.sum(-1, keepdim=True) - 1, **{self.cache_arg: cache},
                                     use_cache=True).logits[:, -1].float()
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [texts[i * k:(i + 1) * k] for i in range(len(rows))]

@@ -269,7 +269,7 @@ def run_generation(config: GenerateConfig, models: GenerationModels | None = Non
 def write_card(out: Path, config: GenerateConfig, log: Sequence[dict[str, Any]], prompts: dict[str, Any]
                ) -> dict[str, Any]:
     """Write pairs_card.json, pairs_card.md and figures/hard_negatives.html for a run's log; returns the card."""
-    from cpwb.analysis.plots import save_figure
+    from cpwb.core.figures import save_figure
 
     source = data_path("paradetox" if config.anchors == "paradetox" else "toxigen_seeds")
     card = {"config": to_dict(config), "data_hash": data_hash([source]), "prompts": prompts,
