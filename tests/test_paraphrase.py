@@ -17,7 +17,7 @@ from cpwb.core.config import from_dict, load_yaml_config
 from cpwb.core.errors import AssetError, ConfigError
 from cpwb.data.pairs import read_pairs, validate_pairs_file
 from cpwb.engine.generate import prompt_ids
-from cpwb.engine.sampler import TransformersGenerator, _shared_prefix_length
+from cpwb.engine.sampler import TransformersGenerator, shared_prefix_length
 from cpwb.steps.negatives.anchors import FEW_SHOT_POOL_ROWS, PROMPTS, few_shot_examples, load_anchors
 from cpwb.steps.negatives.config import GenerateConfig
 from cpwb.steps.negatives.hardness import edit_ratio
@@ -125,11 +125,11 @@ def test_few_shot_examples_are_seeded_rewrites_that_the_scorer_separates():
 # --------------------------------------------------------------------------------------------- the sampler
 
 
-def test_shared_prefix_length_leaves_every_row_a_token():
-    assert _shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
-    assert _shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert _shared_prefix_length([[7, 2], [1, 2]]) == 0
-    assert _shared_prefix_length([[1, 2, 3]]) == 2
+def testshared_prefix_length_leaves_every_row_a_token():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 2
 
 
 def test_greedy_rows_match_plain_generate_while_finished_rows_leave_the_batch(default_lm):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from cpwb.core.errors import InputError
 from cpwb.engine.device import eval_mode, pad_token_id
 from cpwb.engine.nll import length_buckets, start_token_id
+from cpwb.engine.sampler import Decoder
 
 
 def chat_messages(prompt: str, system: str | None = None,
@@ -64,17 +65,9 @@ def _sampling_kwargs(do_sample: bool, top_p: float, temperature: float, top_k: i
     return {"do_sample": True, "top_p": top_p, "temperature": temperature, "top_k": top_k}
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 20, do_sample: bool = False,
-             top_p: float = 0.9, temperature: float = 1.0, top_k: int = 0, num_return_sequences: int = 1,
-             seed: int = 0, batch_size: int = 16, chat: bool = False, system: str | None = None,
-             examples: Sequence[tuple[str, str]] = (), progress: bool = False) -> list[list[str]]:
-    """For each prompt, its `num_return_sequences` continuations (prompt excluded, special tokens skipped).
-
-    `batch_size` counts prompts per model.generate call (each expands to num_return_sequences rows); top_k 0
-    means no top-k cut. `chat` wraps each prompt in the chat template (optional system message and few-shot
-    `examples`). Works for peft-wrapped models; the model's train/eval mode is restored afterwards.
-    """
+def _checked(prompts: Sequence[str], max_new_tokens: int, do_sample: bool, num_return_sequences: int,
+             batch_size: int, temperature: float, top_p: float, top_k: int) -> dict:
+    """Refuse impossible requests with one line naming the setting; the decoding arguments of model.generate."""
     if isinstance(prompts, str):
         raise InputError("expected a sequence of prompts, got a single string", field="prompts")
     if batch_size < 1 or num_return_sequences < 1 or max_new_tokens < 1:
@@ -83,6 +76,43 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     if not do_sample and num_return_sequences > 1:
         raise InputError("greedy decoding returns one continuation per prompt; set do_sample=True",
                          field="num_return_sequences")
+    return decoding
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 20, do_sample: bool = False,
+             top_p: float = 0.9, temperature: float = 1.0, top_k: int = 0, num_return_sequences: int = 1,
+             seed: int = 0, batch_size: int = 16, chat: bool = False, system: str | None = None,
+             examples: Sequence[tuple[str, str]] = (), progress: bool = False) -> list[list[str]]:
+    """For each prompt, its `num_return_sequences` continuations (prompt excluded, special tokens skipped).
+
+    Prompts are decoded `batch_size` at a time (each expanding to num_return_sequences rows), in length buckets,
+    by cpwb.engine.sampler's KV-cached loop: greedy gives model.generate's tokens (`generate_with_transformers`),
+    faster. Sampling is seeded per bucket (seed + its index). top_k 0 means no top-k cut. `chat` wraps each prompt
+    in the chat template (optional system message and few-shot `examples`). Works for peft-wrapped models; the
+    model's train/eval mode is restored afterwards.
+    """
+    _checked(prompts, max_new_tokens, do_sample, num_return_sequences, batch_size, temperature, top_p, top_k)
+    rows = [prompt_ids(tokenizer, p, chat, system, examples) for p in prompts]
+    decoder = Decoder(model, tokenizer, temperature, top_p, top_k)
+    out: list[list[str]] = [[] for _ in prompts]
+    for b, idx in enumerate(tqdm(length_buckets([len(r) for r in rows], batch_size), desc="generate",
+                                 disable=not progress)):
+        texts = decoder.decode([rows[i] for i in idx], num_return_sequences, max_new_tokens, do_sample, seed + b)
+        for row, i in enumerate(idx):
+            out[i] = texts[row]
+    return out
+
+
+@torch.no_grad()
+def generate_with_transformers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 20,
+                               do_sample: bool = False, top_p: float = 0.9, temperature: float = 1.0, top_k: int = 0,
+                               num_return_sequences: int = 1, seed: int = 0, batch_size: int = 16,
+                               chat: bool = False, system: str | None = None,
+                               examples: Sequence[tuple[str, str]] = (), progress: bool = False) -> list[list[str]]:
+    """`generate` through transformers' `model.generate` on left-padded batches: the reference the benchmark and the
+    tests hold the fast path to (same prompts, buckets and greedy tokens)."""
+    decoding = _checked(prompts, max_new_tokens, do_sample, num_return_sequences, batch_size, temperature, top_p,
+                        top_k)
     rows = [prompt_ids(tokenizer, p, chat, system, examples) for p in prompts]
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device

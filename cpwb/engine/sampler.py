@@ -1,8 +1,14 @@
-"""Batched sampling with a key/value cache: shared prompt prefixes computed once, finished rows leave the batch.
+"""KV-cached decoding of batches of prompts: shared prompt prefixes computed once, finished rows leave the batch.
 
-Written here rather than taken from `model.generate` because generate() recomputes a shared few-shot prefix for
-every row and keeps decoding rows that have finished; at CPU scale those two costs dominate (see
-benchmarks/generation_throughput.py)."""
+Written here rather than taken from `model.generate` because, at CPU scale, generate()'s own costs dominate: it
+recomputes a shared few-shot prefix for every row, keeps decoding rows that have finished, and spends per step on
+logits processors, stopping criteria and input preparation that a plain loop does not need
+(`benchmarks/generation_throughput.py` measures both side by side). Greedy decoding gives generate()'s tokens.
+
+Rows are laid out [shared prefix][padding][own tail] with position ids from the attention mask, which gives the same
+tokens as left-padded prompts alone; the prefix runs once and its cache is broadcast, each prompt's tail runs once
+and is broadcast to its k samples.
+"""
 from __future__ import annotations
 
 import inspect
@@ -14,17 +20,6 @@ import torch
 from cpwb.engine.device import eval_mode, pad_token_id
 
 
-class Generator(Protocol):
-    """Samples k continuations of each chat prompt given as token ids."""
-
-    name: str
-    tokenizer: Any
-
-    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-        """For each prompt, k sampled continuations as text (special tokens skipped)."""
-        ...
-
-
 def cache_argument(model) -> str:
     """The keyword a model's forward takes its key/value cache by: `cache` (transformers 5.x), else the older
     `past_key_values` (deprecated in 5.x, the only one before)."""
@@ -32,7 +27,7 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix common to every row, leaving each row at least one token of its own."""
     limit = min(len(row) for row in rows) - 1
     length = 0
@@ -41,38 +36,39 @@ def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return length
 
 
-class TransformersGenerator:
-    """Batched sampling with transformers: shared prompt prefixes computed once, finished rows leave the batch.
+def end_token_ids(model, tokenizer) -> torch.Tensor:
+    """The token ids that end a continuation: the tokenizer's end of sequence and the model's generation config's."""
+    eos = model.generation_config.eos_token_id
+    return torch.tensor(sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
 
-    The prompts' common prefix (system message and few-shot examples) is run once and its key/value cache
-    broadcast; each prompt's own tail is run once and broadcast to its k samples. Decoding then drops every row
-    that has emitted its end token, so the work per step follows the rows still writing (a synchronous batch
-    keeps computing finished rows until the longest is done). Rows are laid out [prefix][padding][own tail] with
-    position ids from the attention mask, which gives the same tokens as left-padded prompts alone.
-    """
 
-    def __init__(self, model, tokenizer, name: str, temperature: float = 0.8, top_p: float = 0.95,
-                 top_k: int = 0) -> None:
-        from transformers.generation.logits_process import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+def _warpers(temperature: float, top_p: float, top_k: int):
+    """transformers' sampling warpers: temperature, then top-k and top-p when they cut anything."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+    return LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                               + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
+                               + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+
+
+class Decoder:
+    """Greedy or sampled continuations of token-id rows under one model, `k` per row."""
+
+    def __init__(self, model, tokenizer, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
+        self.model, self.tokenizer = model, tokenizer
         self.cache_arg = cache_argument(model)
         self.pad_id = pad_token_id(tokenizer)
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = torch.tensor(sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-                                           - {None}))
-        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
-                                           + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
-                                           + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+        self.eos_ids = end_token_ids(model, tokenizer)
+        self.warpers = _warpers(temperature, top_p, top_k)
 
     def _layout(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Token ids and attention mask [B, T] of the rows as [prefix][pad][tail], and the prefix length."""
-        common = _shared_prefix_length(rows)
+        common = shared_prefix_length(rows)
         width = max(len(row) for row in rows) - common
         ids = torch.full((len(rows), common + width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -82,35 +78,47 @@ class TransformersGenerator:
             ids[i, ids.shape[1] - len(tail):], mask[i, ids.shape[1] - len(tail):] = torch.tensor(tail), 1
         return ids, mask, common
 
+    def _forward(self, **kwargs: Any) -> torch.Tensor:
+        """Last-position logits (float32) of one forward pass that extends the cache."""
+        return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1].float()
+
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, common: int, k: int):
         """The key/value cache of the prompts, each repeated k times, and the next-token logits of every row."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         if common:
-            self.model(input_ids=ids[:1, :common], **{self.cache_arg: cache}, use_cache=True)
+            self.model(input_ids=ids[:1, :common], **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(ids.shape[0])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids[:, common:], attention_mask=mask, position_ids=positions[:, common:],
-                            **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self._forward(input_ids=ids[:, common:], attention_mask=mask, position_ids=positions[:, common:],
+                               **{self.cache_arg: cache})
         cache.batch_repeat_interleave(k)
-        return cache, logits.float().repeat_interleave(k, 0)
+        return cache, logits.repeat_interleave(k, 0)
+
+    def _next(self, logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """The next token of every row: the most likely, or a sample from the warped distribution."""
+        if not do_sample:
+            return logits.argmax(-1)
+        probabilities = torch.softmax(self.warpers(None, logits), dim=-1)
+        return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
     @torch.no_grad()
-    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-        """For each prompt (token ids), k samples; reproducible for the same rows, k, seed and length."""
+    def decode(self, rows: Sequence[Sequence[int]], k: int, max_new_tokens: int, do_sample: bool = True,
+               seed: int = 0) -> list[list[str]]:
+        """For each row (token ids), k continuations as text (special tokens skipped); sampling is reproducible for
+        the same rows, k, seed and length."""
         ids, mask, common = self._layout(rows)
         device = next(self.model.parameters()).device
         ids, mask, eos_ids = ids.to(device), mask.to(device), self.eos_ids.to(device)
+        generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
         with eval_mode(self.model):
             cache, logits = self._prefill(ids, mask, common, k)
             mask = mask.repeat_interleave(k, 0)
             out = torch.full((mask.shape[0], max_new_tokens), self.pad_id, dtype=torch.long, device=device)
             active = torch.arange(mask.shape[0], device=device)
-            generator = torch.Generator(device=device).manual_seed(seed)
             for step in range(max_new_tokens):
-                probabilities = torch.softmax(self.warpers(None, logits), dim=-1)
-                tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+                tokens = self._next(logits, do_sample, generator)
                 out[active, step] = tokens
                 writing = ~torch.isin(tokens, eos_ids)
                 if step == max_new_tokens - 1 or not writing.any():
@@ -120,8 +128,31 @@ class TransformersGenerator:
                     cache.batch_select_indices(keep)
                     active, mask, tokens = active[keep], mask[keep], tokens[keep]
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
-                                    position_ids=mask.sum(-1, keepdim=True) - 1, **{self.cache_arg: cache},
-                                    use_cache=True).logits[:, -1].float()
+                logits = self._forward(input_ids=tokens[:, None], attention_mask=mask,
+                                       position_ids=mask.sum(-1, keepdim=True) - 1, **{self.cache_arg: cache})
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [texts[i * k:(i + 1) * k] for i in range(len(rows))]
+
+
+class Generator(Protocol):
+    """Samples k continuations of each chat prompt given as token ids (hard-negative generation)."""
+
+    name: str
+    tokenizer: Any
+
+    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
+        """For each prompt, k sampled continuations as text (special tokens skipped)."""
+        ...
+
+
+class TransformersGenerator(Decoder):
+    """The hard-negative generator on transformers: `Decoder` sampling under a name for provenance."""
+
+    def __init__(self, model, tokenizer, name: str, temperature: float = 0.8, top_p: float = 0.95,
+                 top_k: int = 0) -> None:
+        super().__init__(model, tokenizer, temperature, top_p, top_k)
+        self.name = name
+
+    def sample(self, rows: Sequence[Sequence[int]], k: int, seed: int, max_new_tokens: int) -> list[list[str]]:
+        """For each prompt (token ids), k samples; reproducible for the same rows, k, seed and length."""
+        return self.decode(rows, k, max_new_tokens, do_sample=True, seed=seed)
