@@ -38,10 +38,24 @@ def test_notebook_has_one_parameters_cell_first_among_code(path):
 
 
 @pytest.mark.notebook
-def test_every_notebook_executes_with_papermill(tmp_path):
-    run_dir, results = run_notebooks(RunConfig(parameters=CI_PARAMETERS, output_root=str(tmp_path), run_id="ci"))
-    raise_on_failure(results)
+def test_every_notebook_executes_with_papermill_as_a_chain(tmp_path):
+    """00-02 and 05-06 at CI sizes; 01 keeps only a few anchors; 03 and 04 then run at their default data sizes on
+    that run folder. They measure on the canonical held-out ParaDetox pairs, so they do not depend on how many pairs
+    01 kept, and 04 says in one line that 01's pairs file is too small for a view of its own."""
+    folder = dict(output_root=str(tmp_path), run_id="ci")
+    phases = ((["00", "01", "02"], CI_PARAMETERS), (["03", "04"], {}), (["05", "06"], CI_PARAMETERS))
+    results = []
+    for notebooks, parameters in phases:
+        run_dir, done = run_notebooks(RunConfig(notebooks=notebooks, parameters=parameters, **folder))
+        raise_on_failure(done)
+        results += done
     assert [r.status for r in results] == ["completed"] * len(NOTEBOOKS)
+    kept = [line for line in (run_dir / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    data = json.loads((run_dir / "train" / "data.json").read_text())
+    assert len(kept) < 10 and data["with_paradetox"] and data["n_file"] == len(kept) and data["n_train"] > 3000
+    embedded = nbformat.read(run_dir / "04_embedding_umap.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in embedded.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "too few for a UMAP map" in printed and "this view is left out" in printed
     record = json.loads((run_dir / "run.json").read_text())
     assert set(record["notebooks"]) == {p.name for p in NOTEBOOKS}
     for figure in ("tour_paired_phi", "training_curves", "heldout_phi_gap", "phi_histograms", "phi_ecdf",
@@ -98,28 +112,3 @@ def test_unknown_notebook_name_lists_the_available_ones():
     with pytest.raises(ConfigError, match="00_tour"):
         ordered_notebooks(["99_nope"], NOTEBOOK_DIR)
 
-
-@pytest.mark.notebook
-@pytest.mark.slow
-def test_a_chain_from_a_few_generated_pairs_runs_at_default_sizes(tmp_path):
-    """01 keeps only a few anchors; 02, 03 and 04 then run at their default data sizes on that run folder.
-
-    The analysis notebooks measure on the canonical held-out ParaDetox pairs, so they do not depend on how many pairs
-    01 kept; 04 says in one line that the pairs file is too small for its own view. Only the training steps are
-    cut (they change no data size).
-    """
-    folder = dict(output_root=str(tmp_path), run_id="chain")
-    run_dir, first = run_notebooks(RunConfig(notebooks=["01"], parameters={"n_pairs": 3}, **folder))
-    raise_on_failure(first)
-    kept = [line for line in (run_dir / "pairs.jsonl").read_text().splitlines() if line.strip()]
-    assert len(kept) <= 3
-    _, rest = run_notebooks(RunConfig(notebooks=["02", "03", "04"], parameters={"steps": 2}, **folder))
-    raise_on_failure(rest)
-    assert [r.status for r in rest] == ["completed"] * 3
-    data = json.loads((run_dir / "train" / "data.json").read_text())
-    assert data["with_paradetox"] and data["n_file"] == len(kept) and data["n_train"] > 3000
-    embedded = nbformat.read(run_dir / "04_embedding_umap.ipynb", as_version=4)
-    printed = "".join(o.get("text", "") for c in embedded.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "too few for a UMAP map" in printed and "this view is left out" in printed
-    assert (run_dir / "figures" / "embedding_umap.html").is_file()
-    assert not (run_dir / "figures" / "embedding_umap_pairs.html").exists()
