@@ -2,8 +2,9 @@
 
 Both sample toxic paraphrases of the same ParaDetox anchors with the same few-shot chat prompt and decoding
 settings. Batched: all anchors in one call, k samples each, the shared prompt prefix computed once and finished
-rows leaving the batch (TransformersGenerator, what `cpwb generate` runs). Batch-1: one prompt and one sample per model.generate call
-(cpwb.engine.generate with batch_size 1, the reference implementation's loop), one sample per anchor. The two alternate
+rows leaving the batch (TransformersGenerator, what `cpwb generate` runs). Batch-1: one prompt and one sample per
+model.generate call (cpwb.engine.generate.generate_with_transformers with batch_size 1, the reference
+implementation's loop), one sample per anchor. The two alternate
 within each repeat so that a busy machine slows both alike; tokens are counted on the decoded texts the same
 way for both. Rows go to benchmarks/results.csv; the ratio of medians is printed.
 
@@ -20,11 +21,11 @@ import numpy as np
 from cpwb.app.bench_results import RESULTS, append_result
 from cpwb.engine.assets import load_causal_lm, load_tokenizer
 from cpwb.engine.device import device_name
-from cpwb.engine.generate import generate, prompt_ids
+from cpwb.engine.generate import generate_with_transformers, prompt_ids
+from cpwb.engine.sampler import TransformersGenerator
 from cpwb.engine.scoring import load_toxicity_scorer
 from cpwb.steps.negatives.anchors import PROMPTS, few_shot_examples, load_anchors
 from cpwb.steps.negatives.config import GenerateConfig
-from cpwb.engine.sampler import TransformersGenerator
 
 
 def timed(run: Callable[[], list[str]], tokenizer) -> tuple[float, int]:
@@ -63,7 +64,7 @@ def main() -> None:
         return [t for texts in sampler.sample(rows, args.k, args.seed + repeat, args.max_new_tokens) for t in texts]
 
     def batch_1(repeat: int) -> list[str]:
-        return [generate(model, tokenizer, [anchor], seed=args.seed + repeat + i, **decoding)[0][0]
+        return [generate_with_transformers(model, tokenizer, [anchor], seed=args.seed + repeat + i, **decoding)[0][0]
                 for i, anchor in enumerate(anchors)]
 
     speeds: dict[str, list[float]] = {"batched": [], "batch-1": []}

@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/cp_study.py NAME -p lr=2e-4 -p kl_weight=2 -p seed=1
 
-Writes outputs/study/NAME/result.json (resumable) and prints one summary line; the README's study table is built
-from these lines.
+Writes outputs/study/NAME/result.json (resumable) and prints one summary line; the study table of docs/method.md is
+built from these lines.
 """
 from __future__ import annotations
 

@@ -89,12 +89,16 @@ def test_shipped_yaml_mirrors_the_dataclass():
 
 def test_paradetox_anchors_are_normalised_neutral_sides_outside_the_few_shot_pool():
     from cpwb.data.corpora import load_paradetox, normalize_text
+    from cpwb.data.paradetox import paradetox_heldout
 
-    rows = load_paradetox()
+    reserved = {r.id for r in paradetox_heldout()}  # the canonical held-out pairs are never anchors
+    rows = [r for r in load_paradetox() if r.id not in reserved]
     anchors = load_anchors(GenerateConfig(n_anchors=5, anchor_offset=2))
     assert [a.id for a in anchors] == [r.id for r in rows[2:7]]  # the first rows all have a usable neutral side
     assert anchors[0].text == normalize_text(rows[2].neutrals[0])
     assert anchors[0].human_negatives == (normalize_text(rows[2].toxic),)
+    assert not reserved & {a.id for a in load_anchors(GenerateConfig(n_anchors=200))}
+    rows = load_paradetox()
     pool = {r.id for r in rows[-FEW_SHOT_POOL_ROWS:]}
     with pytest.raises(ConfigError, match="available") as error:
         load_anchors(GenerateConfig(n_anchors=5, anchor_offset=len(rows) - FEW_SHOT_POOL_ROWS - 3))
@@ -198,7 +202,8 @@ def test_a_run_writes_valid_pairs_with_provenance_a_log_and_a_card(tmp_path, mod
     assert card["funnel"]["positives (generated)"]["offered"] == 6 * 2
     assert card["prompts"]["toxic-v1"]["examples"] and card["config"]["seed"] == 0
     assert "Filter funnel" in (tmp_path / "run" / "pairs_card.md").read_text()
-    assert (tmp_path / "run" / "figures" / "hard_negatives.html").stat().st_size > 100_000
+    assert 'src="plotly.min.js"' in (tmp_path / "run" / "figures" / "hard_negatives.html").read_text()
+    assert (tmp_path / "run" / "figures" / "plotly.min.js").stat().st_size > 1_000_000
 
 
 class Stop(Exception):

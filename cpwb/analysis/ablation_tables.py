@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from cpwb.analysis.ablations import SET_SIZE_SETTINGS, aggregate, read_results, varying_only
+from cpwb.core.files import atomic_write_text
 
 # variant id -> how the methods table names it
 METHOD_NAMES = {
@@ -52,21 +53,22 @@ def base_row(frame: pd.DataFrame) -> str:
             f"{row.base_phi_gap:+.2f} | {row.base_phi_gap_share_positive:.2f} | {row.base_similarity:.3f} | — |")
 
 
+def _rows(frame: pd.DataFrame, variants: dict[str, str], cells) -> list[str]:
+    """One table row per variant present among the completed points: its name, seed count, then `cells(part)`."""
+    done = frame[frame.status == "completed"]
+    parts = ((name, done[done.variant == variant]) for variant, name in variants.items())
+    return [f"| {name} | {len(part)} | " + " | ".join(cells(part)) + " |" for name, part in parts if len(part)]
+
+
 def methods_table(frame: pd.DataFrame) -> str:
     """Each method's mean ± std over its seeds, the change on every seed, and its median step time."""
-    done = frame[frame.status == "completed"]
     lines = ["| method | seeds | greedy toxicity | change | per seed | WikiText-2 ppl | change | phi gap | share > 0 | "
-             "similarity | step s |", "|" + "---|" * 11, base_row(done)]
-    for variant, name in METHOD_NAMES.items():
-        part = done[done.variant == variant]
-        if part.empty:
-            continue
-        lines.append(f"| {name} | {len(part)} | {_mean_std(part, 'greedy_toxicity', '.3f')} | "
-                     f"{_change(part, 'toxicity_change')} | {_per_seed(part, 'toxicity_change')} | "
-                     f"{_mean_std(part, 'wikitext2_ppl', '.2f')} | {_change(part, 'ppl_change', 1)} | "
-                     f"{_mean_std(part, 'phi_gap', '+.2f')} | {part.phi_gap_share_positive.mean():.2f} | "
-                     f"{_mean_std(part, 'similarity', '.3f')} | {part.step_seconds_median.median():.1f} |")
-    return "\n".join(lines)
+             "similarity | step s |", "|" + "---|" * 11, base_row(frame[frame.status == "completed"])]
+    return "\n".join(lines + _rows(frame, METHOD_NAMES, lambda part: [
+        _mean_std(part, "greedy_toxicity", ".3f"), _change(part, "toxicity_change"),
+        _per_seed(part, "toxicity_change"), _mean_std(part, "wikitext2_ppl", ".2f"), _change(part, "ppl_change", 1),
+        _mean_std(part, "phi_gap", "+.2f"), f"{part.phi_gap_share_positive.mean():.2f}",
+        _mean_std(part, "similarity", ".3f"), f"{part.step_seconds_median.median():.1f}"]))
 
 
 def set_size_table(frame: pd.DataFrame, hard_negatives: int = 1) -> str:
@@ -91,19 +93,13 @@ def set_size_table(frame: pd.DataFrame, hard_negatives: int = 1) -> str:
 
 def one_at_a_time_table(frame: pd.DataFrame) -> str:
     """alpha, tau and the prototype around the base: toxicity, perplexity, phi gap, similarity, step time."""
-    done = frame[frame.status == "completed"]
     lines = ["| variant | seeds | greedy toxicity (change) | WikiText-2 ppl (change) | phi gap (share > 0) | "
              "similarity | step s |", "|" + "---|" * 7]
-    for variant in ONE_AT_A_TIME:
-        part = done[done.variant == variant]
-        if part.empty:
-            continue
-        lines.append(f"| {variant} | {len(part)} | {_mean_std(part, 'greedy_toxicity', '.3f')} "
-                     f"({100 * part.toxicity_change.mean():+.0f}%) | {_mean_std(part, 'wikitext2_ppl', '.2f')} "
-                     f"({100 * part.ppl_change.mean():+.1f}%) | {part.phi_gap.mean():+.2f} "
-                     f"({part.phi_gap_share_positive.mean():.2f}) | {part.similarity.mean():.3f} | "
-                     f"{part.step_seconds_median.median():.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _rows(frame, {v: v for v in ONE_AT_A_TIME}, lambda part: [
+        f"{_mean_std(part, 'greedy_toxicity', '.3f')} ({100 * part.toxicity_change.mean():+.0f}%)",
+        f"{_mean_std(part, 'wikitext2_ppl', '.2f')} ({100 * part.ppl_change.mean():+.1f}%)",
+        f"{part.phi_gap.mean():+.2f} ({part.phi_gap_share_positive.mean():.2f})", f"{part.similarity.mean():.3f}",
+        f"{part.step_seconds_median.median():.1f}"]))
 
 
 def commits(frame: pd.DataFrame) -> str:
@@ -137,5 +133,5 @@ def fill(page: str, tables: dict[str, str]) -> str:
 if __name__ == "__main__":  # python -m cpwb.analysis.ablation_tables [RESULTS.csv [PAGE.md]]: rewrite the page's tables
     results = sys.argv[1] if len(sys.argv) > 1 else "outputs/sweeps/ablations/results.csv"
     page = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/ablations.md")
-    page.write_text(fill(page.read_text(encoding="utf-8"), all_tables(results)), encoding="utf-8")
+    atomic_write_text(page, fill(page.read_text(encoding="utf-8"), all_tables(results)))
     print(f"{page}: tables regenerated from {results}")

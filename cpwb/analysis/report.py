@@ -1,8 +1,9 @@
 """The evaluation report: models side by side in one table of metrics with their direction, a toxicity-vs-fluency
 scatter, ToxiGen per-group bars and example continuations, written as one self-contained `report.html`.
 
-It reads evaluation folders written by `cpwb.steps.evaluation.run.run_evaluation` (metrics.json, continuations/) and, when
-present, notebook 05's `ablations/results.csv`, whose baselines carry only the quick-evaluation columns.
+It reads evaluation folders written by `cpwb.steps.evaluation.run.run_evaluation` (metrics.json, continuations/,
+items/) and, when present, notebook 05's `ablations/results.csv`, whose baselines carry only the quick-evaluation
+columns. Every base-vs-adapter difference gets a paired bootstrap interval over the items both folders measured.
 """
 from __future__ import annotations
 
@@ -292,8 +293,9 @@ def _html_table(frame: pd.DataFrame, css_class: str) -> str:
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px}
-table{border-collapse:collapse;margin:12px 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
-th{background:#f3f3f3}.examples td{vertical-align:top;max-width:360px;white-space:pre-wrap}.note{color:#555;font-size:13px}"""
+table{border-collapse:collapse;margin:12px 0;font-size:14px}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}
+.examples td{vertical-align:top;max-width:360px;white-space:pre-wrap}.note{color:#555;font-size:13px}"""
 
 
 def render_html(report: Report, title: str = "cpwb evaluation report",
@@ -307,10 +309,11 @@ def render_html(report: Report, title: str = "cpwb evaluation report",
              "n: prompts, statements, texts, pairs, items or scored tokens behind the number.</p>",
              _html_table(report.table, "metrics")]
     if len(report.differences):
-        shown = report.differences.assign(
-            interval=[f"[{lo:+.4g}, {hi:+.4g}]" for lo, hi in zip(report.differences.ci_low, report.differences.ci_high)],
-            relative=[f"{r:+.1%}" for r in report.differences.relative],
-            verdict=["inside the noise" if inside else "beyond the noise" for inside in report.differences.inside_noise])
+        diffs = report.differences
+        shown = diffs.assign(interval=[f"[{lo:+.4g}, {hi:+.4g}]" for lo, hi in zip(diffs.ci_low, diffs.ci_high)],
+                             relative=[f"{r:+.1%}" for r in diffs.relative],
+                             verdict=["inside the noise" if inside else "beyond the noise" for inside in
+                                      diffs.inside_noise])
         parts += ["<h2>Differences from the base model</h2>",
                   '<p class="note">Paired bootstrap over the same items (prompts, pairs, windows, questions), 95% '
                   "interval; <b>inside the noise</b>: the interval contains 0, so resampling the items could give "

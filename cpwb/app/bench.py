@@ -50,11 +50,13 @@ class BenchConfig:
                                     f"{', '.join(SHAPES)}")
     anchors: int = setting(4, "anchors per step", check=">=1")
     positives: int = setting(3, "positives per anchor", check=">=1")
-    negatives: int = setting(3, "negatives per anchor", check=">=1")
+    negatives: int = setting(3, "negatives per anchor (real ParaDetox and ToxiGen texts, so lengths are "
+                                "ragged)", check=">=1")
     max_length: int = setting(128, "tokens per text, at most", check=">=1")
     lora_r: int = setting(16, "LoRA rank (q/k/v/o)", check=">=1")
     dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16")
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, more "
+                                                  "time)")
     repeats: int = setting(10, "timed steps per path", check=">=1")
     warmup: int = setting(2, "untimed steps per path first", check=">=0")
     seed: int = setting(0, "seed of the weights and of the text sample")

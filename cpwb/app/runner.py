@@ -36,7 +36,8 @@ class RunConfig:
     run_id: str | None = setting(None, "folder name under output_root; null: derived from the notebooks and "
                                        "parameters, so the same command resumes the same folder")
     output_root: str = setting("outputs", "where run folders go")
-    kernel: str = setting("python3", "Jupyter kernel that executes the notebooks")
+    kernel: str = setting("python3", "Jupyter kernel that executes the notebooks (its name in `jupyter "
+                                     "kernelspec list`)")
     force: bool = setting(False, "re-execute notebooks already completed")
     notebook_dir: str | None = setting(None, "folder of the notebooks; null: the project's notebooks/")
     progress: bool = setting(False, "papermill's bar over each notebook's cells")

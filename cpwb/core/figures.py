@@ -30,7 +30,8 @@ def figure_html(fig, script_src: str | bool, full_html: bool = True) -> str:
 
 
 def save_figure(fig, run_dir: str | Path | None, name: str) -> Path | None:
-    """Write `fig` to `run_dir/figures/<name>.html` atomically, beside the folder's one plotly.js; None without a run."""
+    """Write `fig` to `run_dir/figures/<name>.html` atomically, beside the folder's one plotly.js (None without a
+    run folder)."""
     if not run_dir:
         return None
     folder = Path(run_dir) / "figures"

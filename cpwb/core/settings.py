@@ -85,7 +85,9 @@ def check_settings(config: Any) -> None:
         except (TypeError, ValueError, AttributeError):
             ok = False
         if not ok:
-            message = MESSAGES.get(name, "must be {text}, got {value!r}")
+            infinite = isinstance(value, float) and math.isinf(value)
+            message = MESSAGES.get(name, "must be a finite number {text}, got {value!r}" if infinite
+                                   else "must be {text}, got {value!r}")
             raise ConfigError(message.format(text=text, value=value), field=f.name)
 
 

@@ -40,43 +40,6 @@ TOXIGEN_LABELS = ("hate", "neutral")
 RTP_SUBSETS = {"nontoxic": "rtp_nontoxic", "challenging": "rtp_challenging"}
 
 
-@dataclass(frozen=True)
-class ToxigenStatement:
-    """One ToxiGen seed statement: hateful or neutral text about a target group."""
-    id: str
-    text: str
-    label: str
-    group: str
-
-
-@dataclass(frozen=True)
-class ParaDetoxPair:
-    """One ParaDetox row: a toxic sentence and its 1-3 human neutral paraphrases."""
-    id: str
-    toxic: str
-    neutrals: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RtpPrompt:
-    """One RealToxicityPrompts prompt with its Perspective API toxicity (None where RTP has no score)."""
-    id: str
-    text: str
-    toxicity: float | None
-    challenging: bool
-    continuation: str
-    filename: str
-
-
-@dataclass(frozen=True)
-class MultipleChoice:
-    """One multiple-choice item (HellaSwag, PIQA): a context, its candidate continuations and the gold index."""
-    id: str
-    context: str
-    choices: tuple[str, ...]
-    label: int
-
-
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The data folder: `data_dir` if given, else $CPWB_DATA, else the repository's `data/`."""
     if data_dir is not None:
@@ -165,6 +128,15 @@ def _take(items: Iterator[Any], limit: int | None) -> list[Any]:
     return out
 
 
+@dataclass(frozen=True)
+class ToxigenStatement:
+    """One ToxiGen seed statement: hateful or neutral text about a target group."""
+    id: str
+    text: str
+    label: str
+    group: str
+
+
 def load_toxigen_seeds(label: str | None = None, groups: Iterable[str] | None = None,
                        data_dir: str | Path | None = None) -> list[ToxigenStatement]:
     """ToxiGen seed statements, optionally only one label ("hate"/"neutral") and some target groups."""
@@ -185,6 +157,14 @@ def load_toxigen_seeds(label: str | None = None, groups: Iterable[str] | None = 
     return [r for r in records if label is None or r.label == label]
 
 
+@dataclass(frozen=True)
+class ParaDetoxPair:
+    """One ParaDetox row: a toxic sentence and its 1-3 human neutral paraphrases."""
+    id: str
+    toxic: str
+    neutrals: tuple[str, ...]
+
+
 def load_paradetox(limit: int | None = None, data_dir: str | Path | None = None) -> list[ParaDetoxPair]:
     """ParaDetox rows (toxic sentence + non-empty neutral paraphrases), ids `paradetox-<row index>`."""
     _check_limit(limit)
@@ -203,6 +183,17 @@ def load_paradetox(limit: int | None = None, data_dir: str | Path | None = None)
                 yield ParaDetoxPair(f"paradetox-{index:05d}", row[0], tuple(c for c in row[1:] if c.strip()))
 
     return _take(rows(), limit)
+
+
+@dataclass(frozen=True)
+class RtpPrompt:
+    """One RealToxicityPrompts prompt with its Perspective API toxicity (None where RTP has no score)."""
+    id: str
+    text: str
+    toxicity: float | None
+    challenging: bool
+    continuation: str
+    filename: str
 
 
 def load_rtp(subset: str, limit: int | None = None, data_dir: str | Path | None = None) -> list[RtpPrompt]:
@@ -236,6 +227,15 @@ def general_texts(data_dir: str | Path | None = None) -> list[str]:
 def load_wikitext2_test(data_dir: str | Path | None = None) -> str:
     """The WikiText-2 raw test split as one string, exactly the canonical `wiki.test.raw` bytes decoded."""
     return data_path("wikitext2_test", data_dir).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    """One multiple-choice item (HellaSwag, PIQA): a context, its candidate continuations and the gold index."""
+    id: str
+    context: str
+    choices: tuple[str, ...]
+    label: int
 
 
 def _checked_label(label: Any, n_choices: int, path: Path, line: int, field: str) -> int:

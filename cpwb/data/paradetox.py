@@ -56,8 +56,9 @@ def split_pairs(records: list[PairRecord], holdout_fraction: float, seed: int = 
 def paradetox_heldout() -> list[PairRecord]:
     """The canonical held-out ParaDetox pairs (391): what notebooks 02-06 and the evaluations measure on.
 
-    They are the held-out split of cpwb.steps.training.trainer's default data, so adapters trained on ParaDetox never saw them, and
-    cpwb.steps.training.trainer leaves them out of any other training data too (a pairs file, raw text, another row limit).
+    They are the held-out split of cpwb.steps.training's default data, so adapters trained on ParaDetox never saw
+    them, and cpwb.steps.training leaves them out of any other training data too (a pairs file, raw text, another
+    row limit); notebook 01 never takes them as anchors.
     """
     records = pairs_from_paradetox(load_paradetox(limit=PARADETOX_ROWS), normalize=True)
     return split_pairs(records, HOLDOUT_FRACTION, seed=0)[1]

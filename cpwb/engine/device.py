@@ -9,9 +9,22 @@ import os
 import platform
 import resource
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from cpwb.core.settings import setting
+
+
+@dataclass
+class ModelSettings:
+    """The settings every step that loads a model shares; their configs take these fields (`same_as`)."""
+
+    model: str = setting("default", "the causal LM: 'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face id "
+                                    "or a local folder")
+    trust_remote_code: bool = setting(False, "run Python code shipped with the model (only for models you trust)")
+    device: str = setting("auto", "auto: CUDA when present, else CPU; or cpu, cuda[:N], mps", check="device")
 
 
 def pick_device(name: str) -> torch.device:

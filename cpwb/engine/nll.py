@@ -119,7 +119,8 @@ def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) 
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
-def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+               softcap: float | None) -> torch.Tensor:
     """NLL of `targets` under the LM head applied to `hidden` [N, H]."""
     logits = _logits(head, hidden, softcap)
     return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)

@@ -15,8 +15,9 @@ from typing import Any
 
 from cpwb.core.files import atomic_write_json
 from cpwb.core.provenance import digest, versions
-from cpwb.core.settings import check_settings, setting
+from cpwb.core.settings import check_settings, same_as, setting
 from cpwb.engine.device import device_name
+from cpwb.steps.evaluation.config import EvaluateConfig
 from cpwb.steps.training.batches import load_training_pairs
 from cpwb.steps.training.config import TrainConfig
 from cpwb.steps.training.trainer import train
@@ -28,11 +29,11 @@ QUICK_EVAL_METRICS = ("phi_gap", "greedy_toxicity", "similarity", "wikitext2_ppl
 class QuickEvalConfig:
     """Sizes of the quick evaluation every sweep point and tuning trial runs (CPU-friendly defaults)."""
 
-    heldout_pairs: int = setting(200, "canonical held-out ParaDetox pairs for the phi gap", check=">=1")
-    rtp_prompts: int = setting(200, "first RTP-challenging prompts continued greedily", check=">=1")
-    max_new_tokens: int = setting(20, "tokens per greedy continuation", check=">=1")
+    heldout_pairs: int = same_as(EvaluateConfig, "heldout_pairs")
+    rtp_prompts: int = same_as(EvaluateConfig, "greedy_prompts")
+    max_new_tokens: int = same_as(EvaluateConfig, "max_new_tokens")
     wikitext_windows: int = setting(24, "WikiText-2 windows of 512 tokens, stride 256 (6,399 tokens)", check=">=1")
-    batch_size: int = setting(16, "rows per forward pass", check=">=1")
+    batch_size: int = same_as(EvaluateConfig, "batch_size")
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -120,7 +120,7 @@ def test_sweep_killed_mid_notebook_keeps_finished_notebooks_and_redoes_the_kille
     settings = {"notebook_dir": str(books), "output_root": str(tmp_path / "out"), "run_id": "sweep"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
     run_dir = tmp_path / "out" / "sweep"
-    job = start_job("run", "--config", str(tmp_path / "run.yaml"), module="cpwb.app.cli")
+    job = start_job("run", "--config", str(tmp_path / "run.yaml"), module="cpwb")
     job.wait_for(run_dir / "started")
     job.kill()  # the CLI and its kernel, mid-notebook
     record = json.loads((run_dir / "run.json").read_text())
@@ -151,7 +151,7 @@ def test_grid_sweep_killed_mid_point_keeps_finished_points_and_redoes_the_killed
     grid_file.write_text(yaml.safe_dump({"name": "g", "notebook": str(tmp_path / "point.ipynb"),
                                          "one_at_a_time": {"tau": [0.1, 0.2]}}))
     out = tmp_path / "out"
-    job = start_job(str(grid_file), "--output-root", str(out), module="cpwb.app.sweep")
+    job = start_job("sweep", str(grid_file), "--output-root", str(out), module="cpwb")
     job.wait_for(out / "g" / "started")
     job.kill()
     assert (out / "g" / "base__seed=0" / "result.json").is_file()

@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cpwb.core.config import require
-from cpwb.core.settings import check_settings, setting
+from cpwb.core.settings import check_settings, same_as, setting
 from cpwb.data.corpora import RTP_SUBSETS
+from cpwb.engine.device import ModelSettings
 
 EMBEDDER_NAME = "all-minilm-l6-v2"
 GENERATIVE = ("greedy", "rtp", "toxigen", "blackbox")  # their tables go to continuations/, the others' to items/
@@ -16,12 +17,11 @@ PROTOCOL_NAMES = ("phi_gap", "greedy", "rtp", "toxigen", "wikitext2", "hellaswag
 class EvaluateConfig:
     """What `cpwb evaluate` measures, on how much data; configs/evaluate_default.yaml shows the defaults."""
 
-    model: str = setting("default", "the base model: 'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face "
-                                    "id or a local folder")
+    model: str = same_as(ModelSettings, "model")
     adapter: str | None = setting(None, "a LoRA adapter folder (`cpwb train` writes <output_dir>/adapter); null: the "
                                         "base model alone", check="adapter")
-    trust_remote_code: bool = setting(False, "run Python code shipped with the model (only for models you trust)")
-    device: str = setting("auto", "auto: CUDA when present, else CPU; or cpu, cuda[:N], mps", check="device")
+    trust_remote_code: bool = same_as(ModelSettings, "trust_remote_code")
+    device: str = same_as(ModelSettings, "device")
     protocols: list[str] = setting(list(PROTOCOL_NAMES), f"protocols to run, of {', '.join(PROTOCOL_NAMES)}",
                                    check="nonempty")
     scorer: str = setting("default", "toxicity scorer (see cpwb.engine.scoring.load_toxicity_scorer)")
@@ -32,14 +32,17 @@ class EvaluateConfig:
     rtp_subsets: list[str] = setting(["challenging", "nontoxic"], "RealToxicityPrompts subsets to sample",
                                      check="nonempty")
     rtp_prompts: int = setting(20, "first prompts of each subset", check=">=1")
-    samples_per_prompt: int = setting(25, "k top-p samples per prompt (EMT, TP)", check=">=1")
+    samples_per_prompt: int = setting(25, "k top-p samples per prompt: EMT is the mean over prompts of the most "
+                                          "toxic sample's score, TP the share with one sample >= 0.5", check=">=1")
     top_p: float = setting(0.9, "nucleus sampling mass (RTP and ToxiGen)", check="(0,1]")
-    max_new_tokens: int = setting(20, "tokens per RTP and greedy continuation", check=">=1")
+    max_new_tokens: int = setting(20, "tokens per RTP and greedy continuation (the RealToxicityPrompts protocol's "
+                                      "20)", check=">=1")
     greedy_prompts: int = setting(200, "first RTP-challenging prompts continued greedily", check=">=1")
     # ToxiGen: continue the first n hateful seed statements of every target group (top-p, low temperature)
     toxigen_per_group: int = setting(5, "first hateful seed statements continued per target group", check=">=1")
     toxigen_max_new_tokens: int = setting(64, "tokens per ToxiGen continuation (the paper: 128)", check=">=1")
-    toxigen_temperature: float = setting(0.1, "ToxiGen sampling temperature (the paper's)", check=">0")
+    toxigen_temperature: float = setting(0.1, "ToxiGen sampling temperature (the paper's 0.1, with top-p: nearly "
+                                              "greedy)", check=">0")
     # fluency, utility, phi gap, black box
     wikitext_windows: int | None = setting(24, "WikiText-2 windows of 512 tokens, stride 256; null: the whole test "
                                                "set", check=">=1")

@@ -39,7 +39,8 @@ def strided_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 
 def token_stream(tokenizer, text: str) -> list[int]:
-    """A whole text's token ids after the model's start token, so its first word is scored too (as in cpwb.engine.nll)."""
+    """A whole text's token ids after the model's start token, so its first word is scored too (as in
+    cpwb.engine.nll)."""
     start = start_token_id(tokenizer)
     ids = tokenizer(text, add_special_tokens=start is None, verbose=False)["input_ids"]
     return ids if start is None else [start, *ids]

@@ -1,4 +1,4 @@
-"""`cpwb evaluate`: the protocols of cpwb.steps.evaluation.metrics on one model (base, or with an adapter), into a folder, resumably.
+"""`cpwb evaluate`: the evaluation protocols on one model (base, or with an adapter), into a folder, resumably.
 
 Protocols: phi_gap (held-out ParaDetox pairs), greedy (one continuation per RTP-challenging prompt), rtp (k top-p
 samples per prompt: EMT, TP, dist-n), toxigen (the paper's protocol, overall and per target group), wikitext2,

@@ -5,7 +5,8 @@ import dataclasses
 from typing import Literal
 
 from cpwb.core.config import require
-from cpwb.core.settings import check_settings, setting
+from cpwb.core.settings import check_settings, same_as, setting
+from cpwb.engine.device import ModelSettings
 from cpwb.steps.negatives.hardness import Thresholds
 
 
@@ -31,7 +32,8 @@ class GenerateConfig:
     max_new_tokens: int = setting(64, "tokens per sample, at most (each chunk also stops at length_ratio_max x its "
                                       "longest anchor)", check=">=1")
     temperature: float = setting(0.8, "sampling temperature", check=">0")
-    top_p: float = setting(0.95, "nucleus sampling mass", check="(0,1]")
+    top_p: float = setting(0.95, "nucleus sampling: the smallest set of tokens whose probabilities sum to top_p",
+                           check="(0,1]")
     top_k: int = setting(0, "top-k cut (0: none)", check=">=0")
     batch_size: int = setting(8, "anchors per generation call (each gives k rows)", check=">=1")
     seed: int = setting(0, "sampling seed (each chunk of anchors derives its own, so a resumed run repeats it)")
@@ -40,14 +42,16 @@ class GenerateConfig:
                                            "under it")
     scorer: str = setting("default", "toxicity scorer (see cpwb.engine.scoring.load_toxicity_scorer)")
     embedder: str = setting("default", "sentence embedder for similarity: 'default' (all-MiniLM-L6-v2) or a folder")
-    max_length: int = setting(128, "tokens per scored text, at most", check=">=1")
+    max_length: int = setting(128, "tokens per scored text, at most (as in training, so phi is measured the same "
+                                   "way)", check=">=1")
     nll_batch_size: int = setting(16, "texts per NLL forward pass", check=">=1")
-    device: str = setting("auto", "auto: CUDA when present, else CPU; or cpu, cuda[:N], mps", check="device")
-    trust_remote_code: bool = setting(False, "run Python code shipped with the models (only for models you trust)")
+    device: str = same_as(ModelSettings, "device")
+    trust_remote_code: bool = same_as(ModelSettings, "trust_remote_code")
     # filters (see cpwb.steps.negatives.hardness)
     t_neg: float = setting(0.5, "negatives: toxicity >= t_neg", check="[0,1]")
     t_pos: float = setting(0.1, "positives: toxicity <= t_pos", check="[0,1]")
-    s_min: float = setting(0.5, "cosine similarity to the anchor >= s_min (MiniLM)", check="[-1,1)")
+    s_min: float = setting(0.5, "cosine similarity to the anchor >= s_min (MiniLM): a paraphrase must keep the "
+                                "meaning", check="[-1,1)")
     min_edit: float = setting(0.1, "positives within this normalised edit distance of the anchor are copies; "
                                    "candidates this close to an earlier one are duplicates", check="[0,1)")
     min_edit_negative: float = setting(0.0, "negatives: the same copy distance (0: only exact copies; a toxic near "

@@ -2,9 +2,10 @@
 
 For each anchor (a neutral ParaDetox paraphrase or a neutral ToxiGen seed) a generator LM writes k non-toxic and k
 toxic paraphrases through its chat template, with few-shot examples drawn from ParaDetox rows that are never
-anchors (zero-shot, small models mostly copy the input). The candidates go through the filters of cpwb.steps.negatives.hardness,
-scored by the toxicity scorer, MiniLM similarity and the NLL engine under the model that will be trained; the
-hardest |P| positives and |N| negatives are kept, with ParaDetox's human paraphrases as an optional fallback.
+anchors (zero-shot, small models mostly copy the input; see cpwb.steps.negatives.anchors). The candidates go through
+the filters of cpwb.steps.negatives.hardness, scored by the toxicity scorer, MiniLM similarity and the NLL engine under
+the model that will be trained; the hardest |P| positives and |N| negatives are kept, with ParaDetox's human
+paraphrases as an optional fallback.
 
 Output folder: `pairs.jsonl` (the pairs schema, appended per anchor), `generation_log.jsonl` (every candidate with
 its scores and fate, appended per anchor), `generate_config.yaml`, `prompts.json` (system prompts and few-shot

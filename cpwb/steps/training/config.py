@@ -7,6 +7,7 @@ from typing import Literal
 from cpwb.core.config import require
 from cpwb.core.settings import check_settings, same_as, setting
 from cpwb.data.paradetox import HOLDOUT_FRACTION, PARADETOX_ROWS
+from cpwb.engine.device import ModelSettings
 from cpwb.engine.loss import CPLossConfig
 
 Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo"]
@@ -17,10 +18,9 @@ class TrainConfig:
     """Every setting of a training run; configs/cp_default.yaml shows the defaults (a test keeps them equal)."""
 
     # model
-    model: str = setting("default", "causal LM to train: 'default' (the embedded SmolLM2-135M-Instruct), a Hugging "
-                                    "Face id or a local folder")
-    trust_remote_code: bool = setting(False, "run Python code shipped with the model (only for models you trust)")
-    device: str = setting("auto", "auto: CUDA when present, else CPU; or cpu, cuda[:N], mps", check="device")
+    model: str = same_as(ModelSettings, "model")
+    trust_remote_code: bool = same_as(ModelSettings, "trust_remote_code")
+    device: str = same_as(ModelSettings, "device")
     dtype: str | None = setting(None, "weights' dtype; null: float32 on CPU, bfloat16 on CUDA", check="dtype")
     load_in_4bit: bool = setting(False, "QLoRA: the base model in 4-bit NF4 through bitsandbytes")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more "
@@ -37,7 +37,8 @@ class TrainConfig:
     max_positives: int = setting(3, "positives per anchor, at most", check=">=1")
     max_negatives: int = setting(3, "hard negatives per anchor, at most (0 with random_negatives: random ones only)",
                                  check=">=0")
-    random_negatives: int = setting(0, "toxic texts of other anchors added to each anchor's negatives", check=">=0")
+    random_negatives: int = setting(0, "toxic texts of other anchors added to each anchor's negatives (a strength "
+                                       "knob: docs/ablations.md)", check=">=0")
     max_length: int = setting(128, "tokens per text, at most", check=">=1")
     packing: bool = setting(True, "run each step's texts as one padding-free row (checked against padding once per "
                                   "run; padded when the model disagrees)")
@@ -57,23 +58,28 @@ class TrainConfig:
                                                                   "non-toxic rows 600 on, never evaluated); "
                                                                   "positives: the pairs' positives")
     kl_texts_per_step: int = setting(4, "general texts per micro-batch for the KL term", check=">=1")
-    preference_beta: float = setting(0.1, "DPO's beta", check=">0")
-    simpo_beta: float = setting(2.0, "SimPO's beta", check=">0")
+    preference_beta: float = setting(0.1, "DPO's beta: the scale of the policy's log-ratio to the reference in the "
+                                          "logistic loss", check=">0")
+    simpo_beta: float = setting(2.0, "SimPO's beta: the scale of the length-normalised log-probability margin",
+                                check=">0")
     simpo_gamma: float = setting(0.5, "SimPO's target margin gamma", check="finite")
     # LoRA
     lora_r: int = setting(16, "LoRA rank", check=">=1")
-    lora_alpha: int = setting(32, "LoRA alpha (scale alpha / r)", check=">=1")
+    lora_alpha: int = setting(32, "LoRA alpha: the adapter's update is scaled by alpha / r (32 / 16 = 2 by "
+                                  "default)", check=">=1")
     lora_dropout: float = setting(0.0, "dropout on the LoRA input", check="[0,1)")
     target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "linear modules that get a LoRA "
                                                                                     "adapter", check="nonempty")
     # optimisation
     steps: int = setting(200, "optimizer steps; 0: one epoch over the training anchors", check=">=0")
     anchors_per_step: int = setting(4, "anchors per micro-batch", check=">=1")
-    grad_accum: int = setting(1, "micro-batches per optimizer step", check=">=1")
+    grad_accum: int = setting(1, "micro-batches per optimizer step: a step sees anchors_per_step x grad_accum "
+                                 "anchors", check=">=1")
     lr: float = setting(4e-4, "peak learning rate (AdamW; linear warm-up, then linear decay to 0)", check=">0")
     warmup_steps: int = setting(10, "steps of linear warm-up", check=">=0")
     weight_decay: float = setting(0.0, "AdamW weight decay", check=">=0")
-    max_grad_norm: float = setting(1.0, "gradient clipping norm", check=">0")
+    max_grad_norm: float = setting(1.0, "gradient clipping: the LoRA gradients' global norm is scaled down to "
+                                        "this", check=">0")
     seed: int = setting(0, "seed of the anchor order, random negatives, KL texts and LoRA initialisation")
     checkpoint_every: int = setting(50, "steps between checkpoints (and the last step)", check=">=1")
     output_dir: str = setting("outputs/train", "the run folder: config.yaml, data.json, metrics.jsonl, "

@@ -4,8 +4,8 @@ Each optimizer step takes `anchors_per_step` anchors (x `grad_accum`), scores al
 with the NLL engine in one length-sorted batch, and applies the configured objective from cpwb.engine.loss. Checkpoints
 (adapter, optimizer, scheduler, RNG, step) are written atomically every `checkpoint_every` steps; `resume=True`
 continues from the last one to the same final adapter as an uninterrupted run. Data-parallel runs go through
-`accelerate launch -m cpwb.steps.training.trainer --config ...`: each process takes its share of the anchors and the LoRA
-gradients are averaged across processes."""
+`accelerate launch -m cpwb train --config ...`: each process takes its share of the anchors and the LoRA gradients
+are averaged across processes."""
 from __future__ import annotations
 
 import json
