@@ -72,3 +72,15 @@ def test_versions_name_the_code_commit(tmp_path, monkeypatch):
     assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", provenance.versions()["git"])  # tests run in a git checkout
     monkeypatch.setattr(provenance.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
     assert provenance.git_commit() == ""
+
+
+def test_a_qlora_step_runs_on_the_cpu_with_4bit_linear_layers(tiny_shape, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import dataclasses
+
+    config = dataclasses.replace(tiny_shape, load_in_4bit=True, repeats=1, warmup=0)
+    model, _ = bench.build_model(config, torch.device("cpu"))
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_type == "nf4"
+    results = bench.run(config, progress=False)
+    assert all(len(r.step_seconds) == 1 for r in results.values())

@@ -57,6 +57,8 @@ class BenchConfig:
     dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, more "
                                                   "time)")
+    load_in_4bit: bool = setting(False, "QLoRA: the base model in 4-bit NF4 through bitsandbytes (shape default, or "
+                                        "a random shape quantized as it loads)")
     repeats: int = setting(10, "timed steps per path", check=">=1")
     warmup: int = setting(2, "untimed steps per path first", check=">=0")
     seed: int = setting(0, "seed of the weights and of the text sample")
@@ -79,18 +81,40 @@ def build_model(config: BenchConfig, device: torch.device):
              "float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
     torch.manual_seed(config.seed)
     if config.shape == "default":
-        model = load_causal_lm("default", device=str(device), dtype=str(dtype).removeprefix("torch."))
+        model = load_causal_lm("default", device=str(device), dtype=str(dtype).removeprefix("torch."),
+                               load_in_4bit=config.load_in_4bit)
     else:
         class_name, fields = SHAPES[config.shape]
         arch = getattr(transformers, class_name)(**fields, attn_implementation="sdpa")
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(arch, dtype=dtype)
+        if config.load_in_4bit:
+            model = _quantized(model, dtype)
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                      "o_proj"], task_type="CAUSAL_LM")
     return get_peft_model(model, lora), load_tokenizer("default")
+
+
+def _quantized(model, dtype: torch.dtype):
+    """A random-weight model with its linear layers replaced by 4-bit NF4 ones (bitsandbytes), as QLoRA loads a
+    checkpoint: there are no weights on disk to quantize while loading."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=dtype, quant_type="nf4")
+                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                setattr(module, child_name, quantized.to(child.weight.device))
+    return model
 
 
 def real_texts(seed: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, evaluate, sweep, bench.
+"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, export, evaluate, sweep, bench.
 
 Every setting of `generate`, `train` and `evaluate` is an option of its own (`--tau 0.3`), listed by `--help` with
 its default, range and meaning, all taken from the config dataclasses. `--config FILE` (YAML) is optional; `-p
@@ -7,6 +7,7 @@ key=value` and the options override it. Errors cpwb raises on purpose become one
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cpwb.steps.training.trainer import train
 
     result = train(load_settings(TrainConfig, args), resume=args.resume)
-    print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks for all
+        print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's adapter merged into its base model (or the adapter alone) as a folder of its own."""
+    from cpwb.steps.training.export import export
+
+    print(f"{'merged model' if args.merge else 'adapter'}: {export(args.run_dir, args.out, args.merge, args.model)}")
     return 0
 
 
@@ -164,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_generate)
     trainer = _configured(sub, "train", TrainConfig, "train a CP (or baseline) LoRA adapter", cmd_train)
     trainer.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    exporter = sub.add_parser("export", help="a run's adapter merged into its base model (--merge), or the adapter "
+                                             "alone, as a folder any tool loads")
+    exporter.add_argument("run_dir", help="a training run folder (with adapter/), a run of `cpwb run`, or an adapter")
+    exporter.add_argument("out", help="the folder to write")
+    exporter.add_argument("--merge", action="store_true", help="merge into the base model: a safetensors model folder "
+                                                                "with its tokenizer, loadable by AutoModelForCausalLM")
+    exporter.add_argument("--model", help="the base model, when the run does not record it")
+    exporter.set_defaults(func=cmd_export)
     _configured(sub, "evaluate", EvaluateConfig, "evaluation protocols (RTP, ToxiGen, WikiText-2, HellaSwag, PIQA, "
                 "...) on one model", cmd_evaluate)
 

@@ -150,6 +150,12 @@ def _convert_gguf_lm(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def model_label(name: str) -> str:
+    """The name a model setting stands for, for provenance and adapters: an embedded default's canonical name
+    (`default` -> smollm2-135m-instruct), anything else as given (a hub id, a path)."""
+    return _ALIASES.get(name, name)
+
+
 def resolve_model(name: str = "default") -> str:
     """Map a model name to something `from_pretrained` loads offline: embedded default, local folder or hub id.
 

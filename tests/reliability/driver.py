@@ -7,6 +7,7 @@ Scenarios: train, generate, convert, write_pairs, load (the last one measures me
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import zlib
@@ -18,9 +19,13 @@ import numpy as np
 HANG_S = 3600
 
 
-def hang(marker: str | Path) -> None:
-    """Say where we are, then wait to be killed."""
-    Path(marker).write_text("reached\n")
+def hang(marker: str | Path, per_rank: bool = False) -> None:
+    """Say where we are, then wait to be killed. `per_rank`: each process of a launcher writes `marker.RANK`
+    holding its process id (so a test can kill one rank)."""
+    if per_rank:
+        Path(f"{marker}.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+    else:
+        Path(marker).write_text("reached\n")
     time.sleep(HANG_S)
     raise SystemExit("hang point was never killed")
 
@@ -29,8 +34,9 @@ def hang(marker: str | Path) -> None:
 
 
 def train_job(args: dict[str, Any]) -> None:
-    """Train with TrainConfig settings; hang in the first step after checkpoint `hang_after_checkpoint`, or while
-    checkpoint `hang_writing_checkpoint` is being written (its trainer state half on disk)."""
+    """Train with TrainConfig settings; hang in the first step after checkpoint `hang_after_checkpoint`, in the
+    `hang_at_call`-th forward pass, or while checkpoint `hang_writing_checkpoint` is being written (its trainer state
+    half on disk)."""
     import torch
 
     import cpwb.steps.training.trainer as trainer
@@ -49,6 +55,16 @@ def train_job(args: dict[str, Any]) -> None:
             return real_loss(*a, **k)
 
         trainer.objective_loss = loss_then_hang
+    if "hang_at_call" in args:  # every process hangs in its N-th forward pass (a launcher's ranks alike)
+        calls, real_objective = [0], trainer.objective_loss
+
+        def count_then_hang(*a, **k):
+            calls[0] += 1
+            if calls[0] == args["hang_at_call"]:
+                hang(args["marker"], args.get("marker_per_rank", False))
+            return real_objective(*a, **k)
+
+        trainer.objective_loss = count_then_hang
     if "hang_writing_checkpoint" in args:
         wanted = f"step-{args['hang_writing_checkpoint']:06d}"
         real_save = torch.save

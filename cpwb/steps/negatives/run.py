@@ -30,6 +30,7 @@ from cpwb.core.errors import AssetError, ConfigError
 from cpwb.core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from cpwb.data.corpora import data_hash, data_path
 from cpwb.data.pairs import PairRecord, PairText, append_pair, read_pairs_tolerant
+from cpwb.engine.assets import model_label
 from cpwb.engine.generate import prompt_ids
 from cpwb.engine.nll import texts_nll
 from cpwb.engine.sampler import Generator, TransformersGenerator
@@ -77,7 +78,7 @@ class VLLMGenerator:
         self._llm = LLM(model=resolve_model(config.generator), seed=config.seed, enable_prefix_caching=True,
                         trust_remote_code=config.trust_remote_code)
         self.tokenizer = self._llm.get_tokenizer()
-        self.name = _model_label(config.generator)
+        self.name = model_label(config.generator)
         self.decoding = {"temperature": config.temperature, "top_p": config.top_p,
                          "top_k": config.top_k if config.top_k > 0 else -1}
 
@@ -86,13 +87,6 @@ class VLLMGenerator:
         params = self._sampling_params(n=k, seed=seed, max_tokens=max_new_tokens, **self.decoding)
         outputs = self._llm.generate([{"prompt_token_ids": list(row)} for row in rows], params, use_tqdm=False)
         return [[choice.text for choice in output.outputs] for output in outputs]
-
-
-def _model_label(name: str) -> str:
-    """The provenance name of a model setting (the embedded default's real name for "default")."""
-    from cpwb.engine.assets import DEFAULT_LM
-
-    return DEFAULT_LM if name == "default" else name
 
 
 @dataclasses.dataclass
@@ -118,13 +112,13 @@ def load_models(config: GenerateConfig) -> GenerationModels:
     if config.backend == "vllm":
         generator: Generator = VLLMGenerator(config)
     elif config.generator == config.target_model:
-        generator = TransformersGenerator(target, target_tokenizer, _model_label(config.generator),
+        generator = TransformersGenerator(target, target_tokenizer, model_label(config.generator),
                                           config.temperature, config.top_p, config.top_k)
     else:
         generator = TransformersGenerator(
             load_causal_lm(config.generator, device, trust_remote_code=config.trust_remote_code),
             load_tokenizer(config.generator, trust_remote_code=config.trust_remote_code),
-            _model_label(config.generator), config.temperature, config.top_p, config.top_k)
+            model_label(config.generator), config.temperature, config.top_p, config.top_k)
     return GenerationModels(generator, target, target_tokenizer, load_toxicity_scorer(config.scorer),
                             SentenceEmbedder.from_pretrained(config.embedder))
 
@@ -189,7 +183,7 @@ def pair_record(record: dict[str, Any], config: GenerateConfig) -> PairRecord:
 
     meta = {"dataset": config.anchors, "normalized": config.normalize, "prototype_phi": record["prototype_phi"],
             "anchor_phi": record["anchor_scores"]["phi"], "anchor_toxicity": record["anchor_scores"]["toxicity"],
-            "target_model": _model_label(config.target_model), "seed": config.seed}
+            "target_model": model_label(config.target_model), "seed": config.seed}
     return PairRecord(record["id"], record["anchor"], chosen("positive"), chosen("negative"), record["group"], meta)
 
 
@@ -274,7 +268,7 @@ def write_card(out: Path, config: GenerateConfig, log: Sequence[dict[str, Any]],
 
     source = data_path("paradetox" if config.anchors == "paradetox" else "toxigen_seeds")
     card = {"config": to_dict(config), "data_hash": data_hash([source]), "prompts": prompts,
-            "models": {"generator": _model_label(config.generator), "target_model": _model_label(config.target_model)},
+            "models": {"generator": model_label(config.generator), "target_model": model_label(config.target_model)},
             "files": {"pairs": PAIRS_FILE, "log": LOG_FILE}, **card_statistics(log)}
     atomic_write_json(out / "pairs_card.json", card)
     atomic_write_text(out / "pairs_card.md", card_markdown(card))

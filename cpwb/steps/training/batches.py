@@ -67,23 +67,33 @@ def anchor_order(n_anchors: int, seed: int, count: int, offset: int = 0) -> list
 
 @dataclass
 class AnchorBatch:
-    """The texts of a few anchors, flattened, with the slot of each text in the [A, K] layout of cpwb.engine.loss."""
+    """The texts of a few anchors, flattened, with the slot of each text in the [A, K] layout of cpwb.engine.loss.
+
+    Under data parallelism a batch is one process's share of a micro-batch: `anchor_scale` and `kl_scale` (its
+    share of the micro-batch's anchors and KL texts, times the number of processes) make the mean over processes
+    of its loss the loss of the whole micro-batch. In one process both are 1.
+    """
 
     texts: list[str]
-    role: list[str]  # "pos" | "neg" | "rand"
+    role: list[str]  # "pos" | "neg" | "rand" | "kl"
     anchor: list[int]
     slot: list[int]
     n_anchors: int
     sizes: dict[str, int]  # K per role
+    anchor_scale: float = 1.0
+    kl_scale: float = 1.0
 
 
 def build_anchor_batch(records: list[PairRecord], indices: list[int], config: TrainConfig,
-                       rng: random.Random, general: list[str] | None = None) -> AnchorBatch:
+                       rng: random.Random, general: list[str] | None = None, rank: int = 0,
+                       world: int = 1) -> AnchorBatch:
     """Positives and negatives (and optional random negatives from other anchors) of the chosen anchors.
 
     With a `general` pool, `kl_texts_per_step` of its texts join the batch (role "kl") for the KL-to-base term only.
+    Every process draws the random negatives and KL texts of the whole micro-batch with the same `rng`, then keeps
+    its share (anchor and KL text i go to process i % world): the union over processes is what one process draws.
     """
-    batch = AnchorBatch([], [], [], [], len(indices), {"pos": 0, "neg": 0, "rand": 0, "kl": 0})
+    batch = AnchorBatch([], [], [], [], 0, {"pos": 0, "neg": 0, "rand": 0, "kl": 0})
 
     def add(text: str, role: str, a: int, s: int) -> None:
         batch.texts.append(text)
@@ -92,15 +102,24 @@ def build_anchor_batch(records: list[PairRecord], indices: list[int], config: Tr
         batch.slot.append(s)
         batch.sizes[role] = max(batch.sizes[role], s + 1)
 
-    for a, index in enumerate(indices):
+    for position, index in enumerate(indices):
         record = records[index]
+        others = [j for j in range(len(records)) if j != index]
+        drawn = rng.sample(others, min(config.random_negatives, len(others)))
+        if position % world != rank:
+            continue
+        a = batch.n_anchors
+        batch.n_anchors += 1
         for s, text in enumerate(record.positives[:config.max_positives]):
             add(text.text, "pos", a, s)
         for s, text in enumerate(record.negatives[:config.max_negatives]):
             add(text.text, "neg", a, s)
-        others = [j for j in range(len(records)) if j != index]
-        for s, j in enumerate(rng.sample(others, min(config.random_negatives, len(others)))):
+        for s, j in enumerate(drawn):
             add(records[j].negatives[0].text, "rand", a, s)
-    for s, text in enumerate(rng.sample(general, config.kl_texts_per_step) if general else []):
+    kl_texts = rng.sample(general, config.kl_texts_per_step) if general else []
+    mine = kl_texts[rank::world]
+    for s, text in enumerate(mine):
         add(text, "kl", 0, s)
+    batch.anchor_scale = batch.n_anchors * world / max(len(indices), 1)
+    batch.kl_scale = len(mine) * world / len(kl_texts) if kl_texts else 1.0
     return batch

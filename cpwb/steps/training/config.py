@@ -9,6 +9,7 @@ from cpwb.core.settings import check_settings, same_as, setting
 from cpwb.data.paradetox import HOLDOUT_FRACTION, PARADETOX_ROWS
 from cpwb.engine.device import ModelSettings
 from cpwb.engine.loss import CPLossConfig
+from cpwb.steps.training.tracking import missing_tracker
 
 Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo"]
 
@@ -57,7 +58,8 @@ class TrainConfig:
     kl_data: Literal["positives", "general"] = setting("general", "general: benign web text (RealToxicityPrompts "
                                                                   "non-toxic rows 600 on, never evaluated); "
                                                                   "positives: the pairs' positives")
-    kl_texts_per_step: int = setting(4, "general texts per micro-batch for the KL term", check=">=1")
+    kl_texts_per_step: int = setting(4, "general texts per micro-batch for the KL term, over all processes",
+                                     check=">=1")
     preference_beta: float = setting(0.1, "DPO's beta: the scale of the policy's log-ratio to the reference in the "
                                           "logistic loss", check=">0")
     simpo_beta: float = setting(2.0, "SimPO's beta: the scale of the length-normalised log-probability margin",
@@ -72,7 +74,8 @@ class TrainConfig:
                                                                                     "adapter", check="nonempty")
     # optimisation
     steps: int = setting(200, "optimizer steps; 0: one epoch over the training anchors", check=">=0")
-    anchors_per_step: int = setting(4, "anchors per micro-batch", check=">=1")
+    anchors_per_step: int = setting(4, "anchors per micro-batch, over all processes (each takes its share)",
+                                    check=">=1")
     grad_accum: int = setting(1, "micro-batches per optimizer step: a step sees anchors_per_step x grad_accum "
                                  "anchors", check=">=1")
     lr: float = setting(4e-4, "peak learning rate (AdamW; linear warm-up, then linear decay to 0)", check=">0")
@@ -82,6 +85,11 @@ class TrainConfig:
                                         "this", check=">0")
     seed: int = setting(0, "seed of the anchor order, random negatives, KL texts and LoRA initialisation")
     checkpoint_every: int = setting(50, "steps between checkpoints (and the last step)", check=">=1")
+    distributed: Literal["ddp", "fsdp"] = setting("ddp", "with several processes (accelerate launch, torchrun): ddp, "
+                                                         "each holds the model and gradients are all-reduced; fsdp, "
+                                                         "parameters, gradients and optimizer state are sharded")
+    report_to: list[str] = setting([], "experiment trackers besides metrics.jsonl: tensorboard, trackio, mlflow "
+                                       "(their packages installed)")
     output_dir: str = setting("outputs/train", "the run folder: config.yaml, data.json, metrics.jsonl, "
                                                "checkpoints/, adapter/")
     progress: bool = setting(True, "show a progress bar")
@@ -90,6 +98,7 @@ class TrainConfig:
         check_settings(self)
         require(self.max_negatives + self.random_negatives >= 1, "max_negatives",
                 "must be >= 1 unless random_negatives >= 1 (0 with random negatives: random toxic negatives only)")
+        require(missing_tracker(self.report_to) is None, "report_to", str(missing_tracker(self.report_to)))
         self.loss_config()  # the loss's own checks
 
     def loss_config(self) -> CPLossConfig:

@@ -53,6 +53,7 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig, de
         rand, _ = to_slots(m, batch, "rand")
         value = losses.reference_cp_loss(pos, neg[:, :batch.sizes["neg"]], rand[:, :batch.sizes["rand"]],
                                          tau=config.tau, alpha=config.alpha)
+        value = value * batch.anchor_scale if batch.anchor_scale != 1.0 else value
         return value, {"phi_pos": pos.mean().item(), "phi_neg": neg.mean().item()}, int(tokens.attention_mask.sum())
     tokens = encode(tokenizer, batch.texts, max_length=config.max_length).to(device)
     stats = sequence_nll(model, tokens, keep_states=config.kl_weight > 0, packed=packed,
@@ -85,12 +86,15 @@ def objective_loss(model, tokenizer, batch: AnchorBatch, config: TrainConfig, de
         value = losses.dpo_loss(*_logp_slots(stats, batch, negative_roles),
                                 *_logp_slots(reference, batch, negative_roles), pos_mask, neg_mask,
                                 beta=config.preference_beta)
+    value = value * batch.anchor_scale if batch.anchor_scale != 1.0 else value
     if config.kl_weight > 0:
         kl_rows = is_pos if config.kl_data == "positives" else torch.tensor([r == "kl" for r in batch.role],
                                                                             device=phi.device)
-        kl = base_kl(model, tokens, stats, kl_rows, packed)
-        metrics["kl"] = kl.item()
-        value = value + config.kl_weight * kl
+        if kl_rows.any():
+            kl = base_kl(model, tokens, stats, kl_rows, packed)
+            metrics["kl"] = kl.item()
+            scale = batch.anchor_scale if config.kl_data == "positives" else batch.kl_scale
+            value = value + config.kl_weight * (kl * scale if scale != 1.0 else kl)
     return value, metrics, int(tokens.attention_mask.sum())
 
 
