@@ -2,7 +2,8 @@
 
 Both take the same anchor batches of the default configuration (configs/cp_default.yaml) on the same LoRA model:
 bare: `objective_loss`, `backward`, gradient clipping and an AdamW step, as the trainer did before it ran on
-accelerate; cpwb: the trainer's own path (the `Objective` module, `Accelerator.backward`, `Accelerator.clip_grad_norm_`).
+accelerate; cpwb: the trainer's own path (the `Objective` module, `Accelerator.backward`,
+`Accelerator.clip_grad_norm_`).
 The two alternate within each repeat, so a busy machine slows both alike. Rows go to benchmarks/results.csv; the
 ratio of median step times is printed (target: within 5%).
 

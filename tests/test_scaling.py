@@ -35,8 +35,9 @@ def tiny(tmp_path_factory, default_lm):
     root = tmp_path_factory.mktemp("scaling")
     make_tiny_lm(default_lm[1]).save_pretrained(root / "model")
     default_lm[1].save_pretrained(root / "model")
-    write_pairs(root / "pairs.jsonl", [PairRecord(f"p{i}", n, (PairText(n, "human"), PairText(n + ".", "human")),
-                                                  (PairText(t, "human"),)) for i, (n, t) in enumerate(zip(NEUTRAL, TOXIC))])
+    records = [PairRecord(f"p{i}", n, (PairText(n, "human"), PairText(n + ".", "human")), (PairText(t, "human"),))
+               for i, (n, t) in enumerate(zip(NEUTRAL, TOXIC))]
+    write_pairs(root / "pairs.jsonl", records)
     return root
 
 
@@ -157,7 +158,8 @@ def test_the_adapter_loads_elsewhere_and_the_merged_model_alone(tiny, one_proces
         f"ids = AutoTokenizer.from_pretrained({str(merged)!r})('thanks for the help', return_tensors='pt').input_ids\n"
         "a = peft.generate(input_ids=ids, max_new_tokens=8, do_sample=False)\n"
         "b = alone.generate(input_ids=ids, max_new_tokens=8, do_sample=False)\n"
-        "print(a.tolist() == b.tolist(), float((peft(input_ids=ids).logits - alone(input_ids=ids).logits).abs().max()))\n")
+        "gap = (peft(input_ids=ids).logits - alone(input_ids=ids).logits).abs().max()\n"
+        "print(a.tolist() == b.tolist(), float(gap))\n")
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=driver_env(), capture_output=True,
                             text=True, timeout=300)
     same, difference = result.stdout.split()[-2:]

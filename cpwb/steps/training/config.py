@@ -73,7 +73,8 @@ class TrainConfig:
     target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "linear modules that get a LoRA "
                                                                                     "adapter", check="nonempty")
     # optimisation
-    steps: int = setting(200, "optimizer steps; 0: one epoch over the training anchors", check=">=0")
+    steps: int = setting(200, "optimizer steps (the learning rate decays to 0 over them); 0: one epoch over the "
+                              "training anchors", check=">=0")
     anchors_per_step: int = setting(4, "anchors per micro-batch, over all processes (each takes its share)",
                                     check=">=1")
     grad_accum: int = setting(1, "micro-batches per optimizer step: a step sees anchors_per_step x grad_accum "
