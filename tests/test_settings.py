@@ -33,7 +33,8 @@ NOTEBOOK_DIFFERENCES = {
     ("06_evaluation_report", "samples_per_prompt"): "10 prompts x 5 samples: a CPU-sized sampled protocol",
     ("06_evaluation_report", "toxigen_per_group"): "2 statements per group: CPU-sized",
     ("06_evaluation_report", "blackbox_texts"): "8 texts: CPU-sized",
-    ("06_evaluation_report", "piqa_items"): "mc_items sets HellaSwag and PIQA alike (100 each)",
+    ("06_evaluation_report", "hellaswag_items"): "mc_items = 50: a CPU-sized fluency check in make run",
+    ("06_evaluation_report", "piqa_items"): "mc_items sets HellaSwag and PIQA alike (50 each)",
     ("points/train_evaluate", "progress"): "a sweep point runs headless: no progress bars in its notebook",
 }
 # notebook -> (config, {notebook parameter: setting}) for the notebooks whose parameters are settings

@@ -53,8 +53,11 @@ class EvaluateConfig:
                                   check=">=1")
     blackbox_max_new_tokens: int = setting(64, "tokens per black-box rewrite", check=">=1")
     seed: int = setting(0, "sampling seed")
-    batch_size: int = setting(16, "rows per forward pass (sampled sequences, scored texts); WikiText windows: a "
-                                  "quarter", check=">=1")
+    batch_size: int = setting(16, "rows per scoring forward pass (texts, choices, phi); WikiText windows: a quarter",
+                              check=">=1")
+    generation_batch_size: int = setting(64, "rows per generate call (greedy, toxigen, blackbox; rtp: this over "
+                                             "samples_per_prompt prompts); greedy outputs do not depend on it, "
+                                             "sampled ones do (each batch is seeded)", check=">=1")
     output_dir: str = setting("outputs/evaluate", "the evaluation folder: metrics.csv/json, continuations/, items/, "
                                                   "protocols/")
     progress: bool = setting(True, "show progress bars")

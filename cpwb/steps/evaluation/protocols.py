@@ -82,7 +82,7 @@ def _greedy(ev: Evaluation) -> ProtocolOutput:
     cfg = ev.config
     prompts = [p.text for p in load_rtp("challenging", limit=cfg.greedy_prompts)]
     result = greedy_toxicity_rate(ev.model, ev.tokenizer, ev.scorer, prompts, cfg.max_new_tokens,
-                                  batch_size=cfg.batch_size, progress=cfg.progress)
+                                  batch_size=cfg.generation_batch_size, progress=cfg.progress)
     table = pd.DataFrame({"prompt": prompts, "continuation": result.pop("continuations"),
                           "toxicity": result.pop("scores")})
     result |= _judge(ev, prompts, table.continuation.tolist(), table)
@@ -96,7 +96,7 @@ def _rtp(ev: Evaluation) -> ProtocolOutput:
         prompts = [p.text for p in load_rtp(subset, limit=cfg.rtp_prompts)]
         result = rtp_continuation_toxicity(ev.model, ev.tokenizer, ev.scorer, prompts, cfg.samples_per_prompt,
                                            cfg.top_p, cfg.max_new_tokens, cfg.seed,
-                                           batch_size=max(1, cfg.batch_size // cfg.samples_per_prompt),
+                                           batch_size=max(1, cfg.generation_batch_size // cfg.samples_per_prompt),
                                            progress=cfg.progress)
         table = result.pop("samples")
         table.insert(0, "subset", subset)
@@ -122,7 +122,8 @@ def _toxigen(ev: Evaluation) -> ProtocolOutput:
     result = toxigen_continuation_toxicity(ev.model, ev.tokenizer, ev.scorer, statements, top_p=cfg.top_p,
                                            temperature=cfg.toxigen_temperature,
                                            max_new_tokens=cfg.toxigen_max_new_tokens, seed=cfg.seed,
-                                           embedder=embedder, batch_size=cfg.batch_size, progress=cfg.progress)
+                                           embedder=embedder, batch_size=cfg.generation_batch_size,
+                                           progress=cfg.progress)
     table, per_group = result.pop("samples"), result.pop("per_group")
     result |= _judge(ev, table.statement.tolist(), table.continuation.tolist(), table)
     groups = [Part(str(row.pop("group")), ("toxigen_seeds",), row) for row in per_group.to_dict("records")]
@@ -154,7 +155,7 @@ def _blackbox(ev: Evaluation) -> ProtocolOutput:
     cfg = ev.config
     texts = [p.text + p.continuation for p in load_rtp("challenging", limit=cfg.blackbox_texts)]
     result = blackbox_rewrite(ev.model, ev.tokenizer, ev.scorer, ev.embedder, texts,
-                              max_new_tokens=cfg.blackbox_max_new_tokens, batch_size=cfg.batch_size,
+                              max_new_tokens=cfg.blackbox_max_new_tokens, batch_size=cfg.generation_batch_size,
                               progress=cfg.progress)
     table = result.pop("samples")
     return [Part("challenging", ("rtp_challenging",), result)], table
@@ -165,13 +166,13 @@ PROTOCOLS: dict[str, tuple[Callable[[Evaluation], ProtocolOutput], tuple[str, ..
     "phi_gap": (_phi_gap, ("heldout_pairs",)),
     "greedy": (_greedy, ("greedy_prompts", "max_new_tokens", "similarity", "conditional_ppl")),
     "rtp": (_rtp, ("rtp_subsets", "rtp_prompts", "samples_per_prompt", "top_p", "max_new_tokens", "similarity",
-                   "conditional_ppl")),
+                   "conditional_ppl", "generation_batch_size")),
     "toxigen": (_toxigen, ("toxigen_per_group", "toxigen_max_new_tokens", "toxigen_temperature", "top_p",
-                           "similarity", "conditional_ppl")),
+                           "similarity", "conditional_ppl", "generation_batch_size")),
     "wikitext2": (_wikitext2, ("wikitext_windows",)),
     "hellaswag": (_multiple_choice("hellaswag", load_hellaswag, "hellaswag_items", ("hellaswag",)),
                   ("hellaswag_items",)),
     "piqa": (_multiple_choice("piqa", load_piqa, "piqa_items", ("piqa", "piqa_labels")), ("piqa_items",)),
-    "blackbox": (_blackbox, ("blackbox_texts", "blackbox_max_new_tokens")),
+    "blackbox": (_blackbox, ("blackbox_texts", "blackbox_max_new_tokens", "generation_batch_size")),
 }
 assert tuple(PROTOCOLS) == PROTOCOL_NAMES  # the config's list of names and the table of protocols agree

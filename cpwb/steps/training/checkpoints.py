@@ -54,7 +54,6 @@ def save_adapter(folder: Path, model, base_name: str, sharded=None, main: bool =
     adapter = _full_adapter(sharded) if sharded is not None else None
     if not main:
         return folder
-    model.peft_config["default"].base_model_name_or_path = base_name
     with atomic_path(folder) as tmp:
         if adapter is None:
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -62,6 +61,13 @@ def save_adapter(folder: Path, model, base_name: str, sharded=None, main: bool =
             tmp.mkdir()
             save_file(adapter, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             model.peft_config["default"].save_pretrained(str(tmp))
+        local = model.peft_config["default"].base_model_name_or_path or ""
+        config = json.loads((tmp / "adapter_config.json").read_text())
+        (tmp / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_name},
+                                                            indent=2, sort_keys=True))
+        card = tmp / "README.md"
+        if card.is_file() and local:
+            card.write_text(card.read_text(encoding="utf-8").replace(local, base_name), encoding="utf-8")
     return folder
 
 
