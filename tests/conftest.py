@@ -34,3 +34,8 @@ def tiny_lm(default_lm):
 def fresh_tiny_lm(default_lm):
     """A tiny random Llama of this test's own, free to be trained or wrapped."""
     return make_tiny_lm(default_lm[1]), default_lm[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The notebook chain first: under `pytest -n 2` (make test) the longest test starts at once beside the rest."""
+    items.sort(key=lambda item: "notebook" not in item.keywords)

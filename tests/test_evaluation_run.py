@@ -116,3 +116,49 @@ def test_conditional_perplexity_is_judged_by_the_base_model(fresh_tiny_lm, tmp_p
         expected = conditional_perplexity(model, tokenizer, prompts, continuations)
     assert got == pytest.approx(expected)
     assert got != pytest.approx(conditional_perplexity(model, tokenizer, prompts, continuations))
+
+
+def _tiny_model_folder(tiny_lm, folder: Path) -> str:
+    model, tokenizer = tiny_lm
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_evaluations_in_processes_of_their_own_give_what_they_give_one_after_the_other(tiny_lm, tmp_path):
+    from cpwb.steps.evaluation.parallel import run_evaluations
+
+    settings = {**TINY, "model": _tiny_model_folder(tiny_lm, tmp_path / "tiny"), "similarity": False,
+                "conditional_ppl": False, "protocols": ["phi_gap", "greedy", "wikitext2"]}
+    runs = {}
+    for jobs in (1, 2):
+        configs = {label: from_dict(EvaluateConfig, {**settings, "seed": seed,
+                                                     "output_dir": str(tmp_path / f"jobs{jobs}" / label)})
+                   for label, seed in (("a", 0), ("b", 1))}
+        runs[jobs] = run_evaluations(configs, jobs=jobs)
+    assert list(runs[2]) == ["a", "b"]
+    for label in ("a", "b"):
+        one, two = runs[1][label]["metrics"], runs[2][label]["metrics"]
+        assert [(r["protocol"], r["metric"]) for r in one] == [(r["protocol"], r["metric"]) for r in two]
+        assert [r["value"] for r in two] == pytest.approx([r["value"] for r in one], rel=1e-4, nan_ok=True)
+        folder = tmp_path / "jobs2" / label
+        assert (folder / "evaluate.log").is_file() and (folder / "metrics.json").is_file()
+        assert set(runs[2][label]["protocols"]) == {"phi_gap", "greedy", "wikitext2"}
+
+
+def test_a_failed_evaluation_process_stops_the_lot_with_its_last_line_and_log(tiny_lm, tmp_path):
+    from cpwb.core.errors import CpwbError
+    from cpwb.steps.evaluation.parallel import run_evaluations, threads_per_job
+
+    good = {**TINY, "model": _tiny_model_folder(tiny_lm, tmp_path / "tiny"), "protocols": ["phi_gap"]}
+    configs = {"good": from_dict(EvaluateConfig, {**good, "output_dir": str(tmp_path / "good")}),
+               "bad": from_dict(EvaluateConfig, {**good, "model": str(tmp_path / "no-such-model"),
+                                                 "output_dir": str(tmp_path / "bad")})}
+    failed = r"bad failed \(exit 2\): cpwb evaluate: error: unknown model .*no-such-model.*evaluate\.log"
+    with pytest.raises(CpwbError, match=failed):
+        run_evaluations(configs, jobs=2)
+    with pytest.raises(ConfigError, match="share one output_dir"):
+        run_evaluations({"x": configs["good"], "y": configs["good"]}, jobs=2)
+    with pytest.raises(ConfigError, match="jobs"):
+        run_evaluations(configs, jobs=0)
+    assert [threads_per_job(j, 2) for j in (1, 2, 3)] == [2, 1, 1]

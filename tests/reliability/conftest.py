@@ -40,11 +40,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if report.when == "call" and report.passed:
+    if report.when == "call":
         for kind in ("bad_input", "fault"):
             marker = item.get_closest_marker(kind)
-            if marker is not None:
-                _COUNTS[kind] += marker.args[0] if marker.args else 1
+            if marker is not None:  # on the report, so that it reaches the controller from an xdist worker
+                report.user_properties.append((kind, marker.args[0] if marker.args else 1))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed:
+        for kind, count in report.user_properties:
+            if kind in ("bad_input", "fault"):
+                _COUNTS[kind] += count
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

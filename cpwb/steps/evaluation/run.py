@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from cpwb.core.config import to_dict
+from cpwb.core.errors import CpwbError
 from cpwb.core.files import atomic_write_json, atomic_write_text, sha256_file
 from cpwb.core.provenance import digest
 from cpwb.engine.adapters import base_of
@@ -39,8 +40,6 @@ def load_model(config: EvaluateConfig):
         return load_adapter(config.adapter, config.model, device, config.trust_remote_code)
     model = load_causal_lm(config.model, device=device, trust_remote_code=config.trust_remote_code)
     return model.eval(), load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-
-
 
 
 def protocol_key(config: EvaluateConfig, name: str) -> str:
@@ -91,7 +90,7 @@ def run_evaluation(config: EvaluateConfig, model=None, tokenizer=None, scorer=No
     summary: dict[str, Any] = {"output_dir": str(out), "protocols": {}, "metrics": []}
     for name in config.protocols:
         key, record_path = protocol_key(config, name), out / "protocols" / f"{name}.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record = _record(record_path)
         status = "resumed"
         if record.get("key") != key:
             started = time.perf_counter()
@@ -105,6 +104,30 @@ def run_evaluation(config: EvaluateConfig, model=None, tokenizer=None, scorer=No
             atomic_write_json(record_path, record)  # last: the protocol's "done" mark
             status = "ran"
         summary["protocols"][name] = {"status": status, "seconds": record["seconds"]}
+        summary["metrics"] += record["rows"]
+    return summary
+
+
+def _record(path: Path) -> dict[str, Any]:
+    """A protocol's record, or {} when it has none yet."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def recorded_keys(config: EvaluateConfig) -> dict[str, str]:
+    """Each protocol's settings key (what a finished record must carry to count for this config)."""
+    return {name: protocol_key(config, name) for name in config.protocols}
+
+
+def recorded_summary(config: EvaluateConfig, keys: dict[str, str] | None = None) -> dict[str, Any]:
+    """`run_evaluation`'s summary read back from a folder whose every protocol is recorded with this config's key
+    (each "resumed"); no model is loaded. A missing or stale record raises."""
+    out = Path(config.output_dir)
+    summary: dict[str, Any] = {"output_dir": str(out), "protocols": {}, "metrics": []}
+    for name, key in (keys or recorded_keys(config)).items():
+        record = _record(out / "protocols" / f"{name}.json")
+        if record.get("key") != key:
+            raise CpwbError(f"{out / 'protocols' / name}.json: no record of protocol {name} with these settings")
+        summary["protocols"][name] = {"status": "resumed", "seconds": record["seconds"]}
         summary["metrics"] += record["rows"]
     return summary
 
