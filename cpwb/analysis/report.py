@@ -69,6 +69,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     differences: pd.DataFrame = field(default_factory=pd.DataFrame)  # `paired_differences` against the base
+    tuning: pd.DataFrame = field(default_factory=pd.DataFrame)  # best trial per method and perplexity budget
+    confirmations: pd.DataFrame = field(default_factory=pd.DataFrame)  # their seed re-runs
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:
@@ -102,6 +104,17 @@ def read_baselines(run_dir: str | Path) -> pd.DataFrame | None:
             for row in frame.to_dict("records") for column, (protocol, split, metric) in BASELINE_COLUMNS.items()
             if column in row and pd.notna(row[column])]
     return pd.DataFrame(rows, columns=["point", "protocol", "split", "metric", "value"])
+
+
+def read_tuning(run_dir: str | Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Notebook 05's copies of the tuning studies (`tuning/*/results.csv`) and of their seed re-runs
+    (`tuning/confirm.csv`), each None when absent."""
+    from cpwb.analysis.tuning import read_studies
+
+    paths = sorted(Path(run_dir).glob("tuning/*/results.csv"))
+    confirm = Path(run_dir) / "tuning" / "confirm.csv"
+    return (read_studies(paths) if paths else None,
+            pd.read_csv(confirm) if confirm.is_file() else None)
 
 
 THRESHOLD = 0.5  # the score at which a text counts as toxic (toxic_rate, TP)
@@ -259,8 +272,12 @@ def _provenance_note(name: str, frame: pd.DataFrame) -> str:
 
 
 def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | None = None,
-                 n_examples: int = 8) -> Report:
-    """The report of evaluation folders (label -> folder, e.g. {"base": ..., "CP": ...}) and optional baselines."""
+                 n_examples: int = 8, tuning: pd.DataFrame | None = None,
+                 confirmations: pd.DataFrame | None = None) -> Report:
+    """The report of evaluation folders (label -> folder, e.g. {"base": ..., "CP": ...}), optional baselines and
+    optional tuning studies (`read_tuning`): their fronts, best trial per budget and seed re-runs."""
+    from cpwb.analysis import tuning as tuned
+
     evaluations = {name: read_metrics(folder) for name, folder in folders.items()}
     table = metrics_table(evaluations, baselines)
     greedy = {name: Path(folder) / "continuations" / "greedy.jsonl" for name, folder in folders.items()}
@@ -274,7 +291,12 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
     settings = json.loads(first.read_text()) if first.is_file() else {}
     figures = {"tradeoff": tradeoff_figure(table), "toxigen_groups": group_bars_figure(evaluations)}
     differences = paired_differences(folders) if "base" in folders and len(folders) > 1 else pd.DataFrame()
-    return Report(table, figures, examples, notes, settings, differences)
+    best = pd.DataFrame()
+    if tuning is not None and len(tuned.completed(tuning)):
+        figures["tuning_fronts"] = tuned.fronts_figure(tuning)
+        best = tuned.best_under_budget(tuning)
+    confirmed = tuned.confirmation_table(confirmations) if confirmations is not None else pd.DataFrame()
+    return Report(table, figures, examples, notes, settings, differences, best, confirmed)
 
 
 def _cell(value) -> str:
@@ -320,6 +342,15 @@ def render_html(report: Report, title: str = "cpwb evaluation report",
                   "either sign.</p>",
                   _html_table(shown[["model", "metric", "better", "split", "n", "base", "value", "difference",
                                      "interval", "relative", "verdict"]], "metrics")]
+    if len(report.tuning):
+        parts += ["<h2>Equal-budget tuning</h2>",
+                  '<p class="note">One Optuna study per method, the same number of trials, objectives and constraint '
+                  "(notebook 05, cpwb tune). Best feasible trial within each WikiText-2 perplexity budget, on the "
+                  "search's own seed; the seed re-runs below, when present, are the figures to quote.</p>",
+                  _html_table(report.tuning, "metrics")]
+        if len(report.confirmations):
+            parts += ["<h3>Seed re-runs of the chosen trials (mean ± std)</h3>",
+                      _html_table(report.confirmations, "metrics")]
     parts += ["<h2>Figures</h2>", *figures]
     if len(report.examples):
         parts += ["<h2>Example continuations (greedy, RTP challenging)</h2>",

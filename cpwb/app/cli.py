@@ -1,4 +1,5 @@
-"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, export, evaluate, sweep, bench.
+"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, export, evaluate, sweep, tune,
+bench.
 
 Every setting of `generate`, `train` and `evaluate` is an option of its own (`--tau 0.3`), listed by `--help` with
 its default, range and meaning, all taken from the config dataclasses. `--config FILE` (YAML) is optional; `-p
@@ -123,6 +124,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return command(args)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run (or join) an equal-budget Optuna study of one method (see cpwb.app.tune)."""
+    from cpwb.app.tune import command
+
+    return command(args)
+
+
 def _param_option(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                          help=f"{what}, value read as YAML (repeatable)")
@@ -197,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
     _param_option(sweeper, "override a base setting of every point")
     sweeper.set_defaults(func=cmd_sweep)
+
+    from cpwb.app.study import StudySpec
+
+    tuner = sub.add_parser("tune", help="an Optuna study of one method's settings (toxicity vs perplexity), one or "
+                           "many workers over one storage", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="Study file settings (StudySpec; see configs/tuning/):\n" + settings_help(StudySpec))
+    tuner.add_argument("study", help="study YAML file (see configs/tuning/cp.yaml)")
+    tuner.add_argument("--storage", help="Optuna storage URL, overriding the study file's (e.g. "
+                       "postgresql://user@host/db for workers on several machines)")
+    tuner.add_argument("--jobs", type=int, default=1, help="local worker processes, the cores shared out (default 1)")
+    tuner.add_argument("--worker-index", type=int, help="this worker's index (seeds its sampler); give workers on "
+                       "other machines distinct ones (default: 0, or drawn when trials are already running)")
+    tuner.add_argument("--output-root", default="outputs/tuning", help="where studies go (default outputs/tuning)")
+    tuner.add_argument("--dry-run", action="store_true", help="check the study and its storage, list the space")
+    tuner.add_argument("--confirm", action="store_true", help="after the study: re-run each method's best trial at "
+                       "<= 2%% and <= 5%% perplexity cost on the study's confirm_seeds (a sweep in <study>/confirm/)")
+    _param_option(tuner, "override a study-file setting (e.g. trials=4)")
+    tuner.set_defaults(func=cmd_tune)
 
     sub.add_parser("bench", help="time the CP training step, naive vs cpwb path; `cpwb bench --help` for options")
     return parser

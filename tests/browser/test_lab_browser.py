@@ -1,6 +1,6 @@
 """A real JupyterLab in a real (headless) Chromium: run the tour notebook, click Generate, see both continuations.
 
-Needs Debian's `chromium` and `chromium-driver` (scripts/install_browser_deps.sh, run by `make install`) and the
+Needs Debian's `chromium` and `chromium-driver` (scripts/install_system_deps.sh, run by `make install`) and the
 `jupyterlab` and `selenium` Python packages (the dev extra). The server listens on 127.0.0.1 only, with a token;
 the notebook runs from a copy in the test's folder, so the committed notebook never gets outputs.
 """
@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
 from cpwb.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TOUR = REPO / "notebooks" / "00_tour.ipynb"
@@ -43,15 +43,8 @@ def _require(program: str) -> str:
     """Path of an installed program, or a failure that says how to install it."""
     found = shutil.which(program)
     if found is None:
-        pytest.fail(f"{program} not found: run `bash scripts/install_browser_deps.sh` (`make install` does)")
+        pytest.fail(f"{program} not found: run `bash scripts/install_system_deps.sh` (`make install` does)")
     return found
-
-
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -120,7 +113,7 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     # no news or update questions: the machine is offline and the toast would cover the page
     atomic_write_json(root / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings",
                       {"fetchNews": "false", "checkForUpdates": False})
-    lab = Lab(f"http://127.0.0.1:{_free_port()}", secrets.token_hex(24), root, root / "lab.log")
+    lab = Lab(f"http://127.0.0.1:{free_port()}", secrets.token_hex(24), root, root / "lab.log")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_RUNTIME_DIR": str(root / "runtime")}
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
