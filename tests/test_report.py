@@ -132,3 +132,27 @@ def test_tuning_studies_from_notebook_05_add_their_fronts_best_trials_and_seed_r
     page = render_html(report)
     assert "Equal-budget tuning" in page and "Seed re-runs" in page and "tuning_fronts" in report.figures
     assert {t.name for t in report.figures["tuning_fronts"].data} >= {"cp front", "dpo front"}
+
+
+def test_a_second_scorer_rescoring_the_continuations_shows_its_agreement_and_leaves_the_table(run_dir):
+    from cpwb.engine.scoring import load_toxicity_scorer
+    from cpwb.steps.evaluation.rescore import rescore
+
+    before = build_report(_folders(run_dir)).table
+    scorer = load_toxicity_scorer("bilstm-tcc")
+    for folder in _folders(run_dir).values():
+        rows = rescore(folder, scorer)
+        greedy = pd.read_json(folder / "continuations" / "greedy.jsonl", lines=True)
+        mean = next(r["value"] for r in rows if r["metric"] == "mean_toxicity" and r["protocol"] == "greedy")
+        assert mean == pytest.approx(greedy["toxicity:bilstm-tcc"].mean())
+        assert {r["scorer"] for r in rows} == {"bilstm-tcc"} and {r["model"] for r in rows} == {"default"}
+    report = build_report(_folders(run_dir))
+    pd.testing.assert_frame_equal(report.table, before)  # the evaluation's own scorer stays the table's
+    row = report.agreement.iloc[0]
+    assert (row.protocol, row.scorer, row.n_texts) == ("greedy", "bilstm-tcc", 6)
+    texts = pd.concat([pd.read_json(f / "continuations" / "greedy.jsonl", lines=True) for f in
+                       _folders(run_dir).values()])
+    from scipy.stats import spearmanr
+    assert row.spearman == pytest.approx(spearmanr(texts.toxicity, texts["toxicity:bilstm-tcc"]).statistic)
+    assert row["same ranking"] == (row["ranking (own scorer)"] == row["ranking (this scorer)"])
+    assert "Scorer agreement" in render_html(report)

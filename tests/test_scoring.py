@@ -100,26 +100,6 @@ def test_detoxify_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
         load_toxicity_scorer("detoxify", checkpoint="model.ckpt", huggingface_config_path="bert-base-uncased")
 
 
-def test_detoxify_backend_passes_local_paths_and_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DetoxifyScorer hands the offline checkpoint and config folder to Detoxify and stitches batches in order."""
-    calls = {}
-
-    class FakeDetoxify:
-        def __init__(self, model_type: str, **options: object) -> None:
-            self.class_names = ["toxicity", "insult"]
-            calls.update(options, model_type=model_type)
-
-        def predict(self, texts: list[str]) -> dict[str, list[float]]:
-            return {"toxicity": [len(t) / 10 for t in texts], "insult": [0.0] * len(texts)}
-
-    monkeypatch.setitem(sys.modules, "detoxify", types.SimpleNamespace(Detoxify=FakeDetoxify))
-    scorer = load_toxicity_scorer("detoxify", checkpoint=Path("m.ckpt"), huggingface_config_path="cfg")
-    assert isinstance(scorer, ToxicityScorer) and scorer.name == "detoxify-original"
-    assert calls == {"model_type": "original", "checkpoint": "m.ckpt", "huggingface_config_path": "cfg",
-                     "device": "cpu"}
-    np.testing.assert_allclose(scorer.score(["", "a", "abc", "ab"], batch_size=3), [0.0, 0.1, 0.3, 0.2])
-
-
 def test_scores_are_batched_and_validated() -> None:
     """Batch size changes nothing; empty texts are scored; a bare string is refused; labels come as columns."""
     scorer = load_toxicity_scorer()

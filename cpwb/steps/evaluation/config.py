@@ -24,7 +24,10 @@ class EvaluateConfig:
     device: str = same_as(ModelSettings, "device")
     protocols: list[str] = setting(list(PROTOCOL_NAMES), f"protocols to run, of {', '.join(PROTOCOL_NAMES)}",
                                    check="nonempty")
-    scorer: str = setting("default", "toxicity scorer (see cpwb.engine.scoring.load_toxicity_scorer)")
+    scorer: str = setting("default", "toxicity scorer: default, bilstm-toxblock, bilstm-tcc, detoxify, or hf:FOLDER "
+                                     "(any AutoModelForSequenceClassification folder; see cpwb.engine.classifiers)")
+    scorer_options: dict = setting({}, "the scorer's options: label (the toxic one in config.id2label, for hf:), "
+                                       "checkpoint and huggingface_config_path (for detoxify), max_length, device")
     similarity: bool = setting(True, "MiniLM cosine of input and output on greedy, rtp and toxigen")
     conditional_ppl: bool = setting(True, "perplexity of the outputs given their inputs under the base model "
                                           "(adapter off)")
@@ -63,7 +66,14 @@ class EvaluateConfig:
     progress: bool = setting(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        from cpwb.core.errors import CpwbError
+        from cpwb.engine.scoring import check_scorer_name
+
         check_settings(self)
+        try:
+            check_scorer_name(self.scorer)
+        except CpwbError as err:
+            require(False, "scorer", str(err))
         for index, name in enumerate(self.protocols):
             require(name in PROTOCOL_NAMES, f"protocols[{index}]",
                     f"unknown protocol {name!r}; known: {list(PROTOCOL_NAMES)}")

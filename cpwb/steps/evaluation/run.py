@@ -80,12 +80,13 @@ def run_evaluation(config: EvaluateConfig, model=None, tokenizer=None, scorer=No
     from cpwb.engine.scoring import SentenceEmbedder, load_toxicity_scorer
 
     out = Path(config.output_dir)
+    scorer = scorer or load_toxicity_scorer(config.scorer, **config.scorer_options)  # a bad scorer fails first
     if model is None:
         model, tokenizer = load_model(config)
     if embedder is None and (config.similarity or "blackbox" in config.protocols):
         embedder = SentenceEmbedder.from_pretrained()
     base = functools.partial(base_of, model)
-    ev = Evaluation(config, model, tokenizer, scorer or load_toxicity_scorer(config.scorer), embedder, base)
+    ev = Evaluation(config, model, tokenizer, scorer, embedder, base)
     atomic_write_json(out / "evaluate_config.json", to_dict(config))
     summary: dict[str, Any] = {"output_dir": str(out), "protocols": {}, "metrics": []}
     for name in config.protocols:
