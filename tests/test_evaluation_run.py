@@ -12,7 +12,7 @@ import torch
 from cpwb.core.config import from_dict, load_yaml_config
 from cpwb.core.errors import ConfigError, InputError
 from cpwb.engine.adapters import find_adapter
-from cpwb.steps.evaluation.config import EvaluateConfig
+from cpwb.steps.evaluation.config import DEFAULT_PROTOCOLS, EvaluateConfig
 from cpwb.steps.evaluation.likelihood import conditional_perplexity
 from cpwb.steps.evaluation.protocols import PROTOCOLS, toxigen_statements
 from cpwb.steps.evaluation.run import describe, run_evaluation
@@ -26,7 +26,8 @@ TINY = dict(rtp_prompts=2, samples_per_prompt=2, max_new_tokens=3, greedy_prompt
 
 def test_the_shipped_default_config_loads():
     config = load_yaml_config(EvaluateConfig, REPO / "configs" / "evaluate_default.yaml")
-    assert config.protocols == list(PROTOCOLS) and config.samples_per_prompt == 25 and config.adapter is None
+    assert config.protocols == list(DEFAULT_PROTOCOLS) and config.samples_per_prompt == 25 and config.adapter is None
+    assert set(PROTOCOLS) - set(config.protocols) == {"lm_eval"}  # on request: about an hour on 2 cores
 
 
 @pytest.mark.parametrize("settings, field", [
@@ -37,6 +38,7 @@ def test_the_shipped_default_config_loads():
     ({"wikitext_windows": 0}, "wikitext_windows"),
     ({"top_p": 1.5}, "top_p"),
     ({"protocols": []}, "protocols"),
+    ({"lm_eval_tasks": ["mmlu"]}, "lm_eval_tasks[0]"),
 ])
 def test_bad_settings_name_their_field_before_anything_loads(tmp_path, settings, field):
     path = tmp_path / "eval.yaml"
@@ -162,3 +164,27 @@ def test_a_failed_evaluation_process_stops_the_lot_with_its_last_line_and_log(ti
     with pytest.raises(ConfigError, match="jobs"):
         run_evaluations(configs, jobs=0)
     assert [threads_per_job(j, 2) for j in (1, 2, 3)] == [2, 1, 1]
+
+
+def test_lm_eval_protocol_runs_lm_evaluation_harness_on_the_shipped_data(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
+    config = from_dict(EvaluateConfig, {**TINY, "protocols": ["lm_eval"], "lm_eval_limit": 3,
+                                        "output_dir": str(tmp_path)})
+    rows = run_evaluation(config, model=model, tokenizer=tokenizer, scorer=LengthScorer())["metrics"]
+    table = {(r["split"], r["metric"]): r["value"] for r in rows if r["protocol"] == "lm_eval"}
+    for task in ("hellaswag", "piqa"):
+        assert table[task, "n_items"] == 3
+        assert all(0 <= table[task, m] <= 1 and table[task, f"{m}_stderr"] >= 0 for m in ("acc", "acc_norm"))
+        assert table[task, "acc"] * 3 == pytest.approx(round(table[task, "acc"] * 3))  # a share of 3 items
+
+
+def test_an_lm_eval_task_file_with_a_missing_field_is_refused_in_one_line(tmp_path):
+    from cpwb.steps.evaluation.harness import write_task_files
+
+    good = write_task_files(tmp_path, ("piqa",))[0]
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("\n".join(line for line in good.read_text().splitlines() if not line.startswith("doc_to_choice")))
+    with pytest.raises(InputError, match="doc_to_choice: missing") as error:
+        from_dict(EvaluateConfig, {"protocols": ["lm_eval"], "lm_eval_task_files": [str(bad)]})
+    assert len(str(error.value).splitlines()) == 1 and str(bad) in str(error.value)
+    from_dict(EvaluateConfig, {"protocols": ["lm_eval"], "lm_eval_task_files": [str(good)]})

@@ -83,7 +83,7 @@ def test_baselines_from_notebook_05_join_the_table_and_the_scatter(run_dir):
     baselines = read_baselines(run_dir)
     assert set(baselines.point) == {"dpo" + BASELINE_SUFFIX, "simpo" + BASELINE_SUFFIX}
     report = build_report(_folders(run_dir), baselines)
-    assert list(report.table.columns[-4:]) == ["base", "CP", "dpo (05)", "simpo (05)"]
+    assert list(report.table.columns[-6:]) == ["base", "base 95% CI", "CP", "CP 95% CI", "dpo (05)", "simpo (05)"]
     table = report.table.set_index(["protocol", "metric"])
     assert table.loc[("wikitext2", "WikiText-2 perplexity"), "dpo (05)"] == 29.0
     assert math.isnan(table.loc[("rtp", "Expected Maximum Toxicity"), "dpo (05)"].iloc[0])
@@ -107,7 +107,11 @@ def test_a_failed_render_leaves_the_previous_report(run_dir):
 
 def test_a_single_model_report(run_dir):
     report = build_report({"base": run_dir / "evaluation" / "base"})
-    assert list(report.table.columns[-1:]) == ["base"] and len(tradeoff_figure(report.table).data) == 1
+    assert list(report.table.columns[-2:]) == ["base", "base 95% CI"] and len(tradeoff_figure(report.table).data) == 1
+    greedy = report.table.set_index(["protocol", "metric"]).loc[("greedy", METRICS["greedy", "mean_toxicity"][0])]
+    low, high = map(float, greedy["base 95% CI"].strip("[]").split(", "))
+    scores = pd.read_json(run_dir / "evaluation" / "base" / "continuations" / "greedy.jsonl", lines=True).toxicity
+    assert scores.min() <= low <= scores.mean() <= high <= scores.max() and low < high  # the bootstrap over prompts
     assert json.loads(json.dumps(report.settings)) == {"greedy_prompts": 3, "output_dir": str(
         run_dir / "evaluation" / "base")}
     assert "output_dir" not in render_html(report)

@@ -49,6 +49,8 @@ METRICS: dict[tuple[str, str], tuple[str, str]] = {
     ("toxigen", "similarity"): ("ToxiGen continuation similarity to statement (MiniLM)", "·"),
     ("hellaswag", "accuracy"): ("HellaSwag accuracy, zero-shot", "↑"),
     ("piqa", "accuracy"): ("PIQA accuracy, zero-shot", "↑"),
+    ("lm_eval", "acc_norm"): ("lm-eval acc_norm, zero-shot (split: the task)", "↑"),
+    ("lm_eval", "acc"): ("lm-eval acc, zero-shot", "↑"),
     ("train", "train_seconds"): ("training time [s]", "↓"),
 }
 COUNTS = ("n_prompts", "n_statements", "n_texts", "n_pairs", "n_items", "n_scored_tokens")
@@ -166,6 +168,42 @@ def item_values(folder: str | Path, protocol: str, metric: str) -> dict[str, tup
                     [np.asarray(column, dtype=float) for column in getter(table)])}
 
 
+def figure_intervals(folder: str | Path) -> pd.DataFrame:
+    """The 95% bootstrap interval over items of every figure a folder holds per item (means over prompts,
+    statements, pairs, questions; perplexity resampling whole windows), and lm-eval's figures as +-1.96 of
+    their standard errors: one row per (protocol, split, metric) with low and high."""
+    from cpwb.core import stats
+
+    rows = []
+    for protocol, metric in METRICS:
+        for split, (_, arrays) in item_values(folder, protocol, metric).items():
+            found = stats.perplexity_interval(*arrays) if metric == "perplexity" else stats.mean_interval(arrays[0])
+            rows.append({"protocol": protocol, "split": split, "metric": metric, "low": found.low,
+                         "high": found.high})
+    metrics = read_metrics(folder) if (Path(folder) / "metrics.json").is_file() else pd.DataFrame()
+    for row in metrics[metrics.protocol == "lm_eval"].to_dict("records") if len(metrics) else []:
+        errors = metrics[(metrics.protocol == "lm_eval") & (metrics.split == row["split"])
+                         & (metrics.metric == f"{row['metric']}_stderr")].value
+        if row["metric"] in ("acc", "acc_norm") and len(errors):
+            rows.append({"protocol": "lm_eval", "split": row["split"], "metric": row["metric"],
+                         "low": row["value"] - 1.96 * errors.iloc[0], "high": row["value"] + 1.96 * errors.iloc[0]})
+    return pd.DataFrame(rows, columns=["protocol", "split", "metric", "low", "high"])
+
+
+def with_intervals(table: pd.DataFrame, folders: Mapping[str, str | Path]) -> pd.DataFrame:
+    """`metrics_table` with a `<model> 95% CI` column after each evaluated model's column."""
+    names = {what: key for key, (what, _) in METRICS.items()}
+    table = table.copy()
+    for name, folder in folders.items():
+        found = figure_intervals(folder).set_index(["protocol", "split", "metric"])
+        cells = []
+        for row in table.itertuples(index=False):
+            key = (row.protocol, row.split, names[row.metric][1])
+            cells.append(f"[{found.low[key]:.4g}, {found.high[key]:.4g}]" if key in found.index else "")
+        table.insert(table.columns.get_loc(name) + 1, f"{name} 95% CI", cells)
+    return table
+
+
 def paired_differences(folders: Mapping[str, str | Path], baseline: str = "base") -> pd.DataFrame:
     """Every other model against `baseline` on the same items: difference with its 95% paired bootstrap interval.
 
@@ -227,7 +265,8 @@ def _metric_row(table: pd.DataFrame, protocol: str, metric: str) -> pd.Series | 
 
 def tradeoff_figure(table: pd.DataFrame) -> go.Figure:
     """Greedy continuation toxicity against WikiText-2 perplexity per model: better is down and to the left."""
-    models = [c for c in table.columns if c not in ("metric", "better", "protocol", "split", "n")]
+    models = [c for c in table.columns if c not in ("metric", "better", "protocol", "split", "n")
+              and not c.endswith(" 95% CI")]
     toxicity, perplexity = _metric_row(table, "greedy", "mean_toxicity"), _metric_row(table, "wikitext2", "perplexity")
     fig = go.Figure()
     for model in models if toxicity is not None and perplexity is not None else []:
@@ -281,7 +320,7 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
     from cpwb.analysis import tuning as tuned
 
     evaluations = {name: read_metrics(folder) for name, folder in folders.items()}
-    table = metrics_table(evaluations, baselines)
+    table = with_intervals(metrics_table(evaluations, baselines), folders)
     greedy = {name: Path(folder) / "continuations" / "greedy.jsonl" for name, folder in folders.items()}
     examples = example_continuations({name: pd.read_json(path, lines=True) for name, path in greedy.items()},
                                      n_examples) if all(p.is_file() for p in greedy.values()) else pd.DataFrame()

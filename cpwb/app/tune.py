@@ -205,10 +205,12 @@ def work(spec: StudySpec, url: str, output_root: str | Path = "outputs/tuning", 
         live = count[TrialState.COMPLETE] + count[TrialState.RUNNING] + count[TrialState.WAITING]
         if live < spec.trials or count[TrialState.WAITING]:
             study.sampler = _sampler(spec, _worker_seed(spec, worker, len(trials)))
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
-            last = study.get_trials(deepcopy=False)[-1]
-            say(f"study {spec.name}: trial {last.number} {last.state.name.lower()} "
-                f"({count[TrialState.COMPLETE] + (last.state == TrialState.COMPLETE)}/{spec.trials} complete)")
+            ran: list = []
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False,
+                           callbacks=[lambda _, trial: ran.append(trial)])
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            say(f"study {spec.name}: trial {ran[-1].number if ran else '?'} "
+                f"{ran[-1].state.name.lower() if ran else 'not run'} ({done}/{spec.trials} complete)")
             export(study, spec, folder)
             continue
         if not count[TrialState.RUNNING]:

@@ -10,7 +10,8 @@ from cpwb.engine.device import ModelSettings
 
 EMBEDDER_NAME = "all-minilm-l6-v2"
 GENERATIVE = ("greedy", "rtp", "toxigen", "blackbox")  # their tables go to continuations/, the others' to items/
-PROTOCOL_NAMES = ("phi_gap", "greedy", "rtp", "toxigen", "wikitext2", "hellaswag", "piqa", "blackbox")
+PROTOCOL_NAMES = ("phi_gap", "greedy", "rtp", "toxigen", "wikitext2", "hellaswag", "piqa", "blackbox", "lm_eval")
+DEFAULT_PROTOCOLS = PROTOCOL_NAMES[:-1]  # lm_eval on request: the full tasks take about an hour on 2 CPU cores
 
 
 @dataclass
@@ -22,7 +23,7 @@ class EvaluateConfig:
                                         "base model alone", check="adapter")
     trust_remote_code: bool = same_as(ModelSettings, "trust_remote_code")
     device: str = same_as(ModelSettings, "device")
-    protocols: list[str] = setting(list(PROTOCOL_NAMES), f"protocols to run, of {', '.join(PROTOCOL_NAMES)}",
+    protocols: list[str] = setting(list(DEFAULT_PROTOCOLS), f"protocols to run, of {', '.join(PROTOCOL_NAMES)}",
                                    check="nonempty")
     scorer: str = setting("default", "toxicity scorer: default, bilstm-toxblock, bilstm-tcc, detoxify, or hf:FOLDER "
                                      "(any AutoModelForSequenceClassification folder; see cpwb.engine.classifiers)")
@@ -51,6 +52,11 @@ class EvaluateConfig:
                                                "set", check=">=1")
     hellaswag_items: int = setting(100, "HellaSwag items (of the shipped 1,000-item sample)", check=">=1")
     piqa_items: int = setting(200, "PIQA items (of 1,838)", check=">=1")
+    lm_eval_tasks: list[str] = setting(["hellaswag", "piqa"], "lm-evaluation-harness tasks of the lm_eval protocol, "
+                                       "on the shipped data (cpwb.steps.evaluation.harness)")
+    lm_eval_limit: int | None = setting(None, "first items of each lm_eval task; null: all (HellaSwag 1,000, PIQA "
+                                              "1,838)", check=">=1")
+    lm_eval_task_files: list[str] = setting([], "extra lm-eval task files (YAML) the lm_eval protocol runs too")
     heldout_pairs: int = setting(200, "canonical held-out ParaDetox pairs for the phi gap", check=">=1")
     blackbox_texts: int = setting(32, "RTP-challenging prompt + original continuation, rewritten by the model",
                                   check=">=1")
@@ -78,5 +84,11 @@ class EvaluateConfig:
             require(name in PROTOCOL_NAMES, f"protocols[{index}]",
                     f"unknown protocol {name!r}; known: {list(PROTOCOL_NAMES)}")
         require(len(set(self.protocols)) == len(self.protocols), "protocols", "lists a protocol twice")
+        from cpwb.steps.evaluation.harness import TASKS, check_task_file
+
+        for index, task in enumerate(self.lm_eval_tasks):
+            require(task in TASKS, f"lm_eval_tasks[{index}]", f"unknown task {task!r}; shipped: {sorted(TASKS)}")
+        for path in self.lm_eval_task_files:
+            check_task_file(path)
         for index, subset in enumerate(self.rtp_subsets):
             require(subset in RTP_SUBSETS, f"rtp_subsets[{index}]", f"must be one of {sorted(RTP_SUBSETS)}")

@@ -161,6 +161,22 @@ def _blackbox(ev: Evaluation) -> ProtocolOutput:
     return [Part("challenging", ("rtp_challenging",), result)], table
 
 
+def _lm_eval(ev: Evaluation) -> ProtocolOutput:
+    """lm-evaluation-harness tasks on the shipped data: acc and acc_norm as lm-eval defines them."""
+    from cpwb.steps.evaluation.harness import run_harness
+
+    cfg = ev.config
+    table = run_harness(ev.model, ev.tokenizer, tuple(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.batch_size,
+                        cfg.lm_eval_task_files)
+    parts = []
+    for task, rows in table.groupby("task", sort=False):
+        values = {f"{m}{suffix}": v for m, value, stderr in zip(rows.metric, rows.value, rows.stderr)
+                  for suffix, v in (("", value), ("_stderr", stderr)) if v is not None}
+        data = {"hellaswag": ("hellaswag",), "piqa": ("piqa", "piqa_labels")}.get(task, ())
+        parts.append(Part(task, data, {**values, "n_items": int(rows.n_items.iloc[0] or 0)}))
+    return parts, table
+
+
 # name -> (protocol, the settings its numbers depend on besides model, adapter, scorer, seed and batch size)
 PROTOCOLS: dict[str, tuple[Callable[[Evaluation], ProtocolOutput], tuple[str, ...]]] = {
     "phi_gap": (_phi_gap, ("heldout_pairs",)),
@@ -174,5 +190,6 @@ PROTOCOLS: dict[str, tuple[Callable[[Evaluation], ProtocolOutput], tuple[str, ..
                   ("hellaswag_items",)),
     "piqa": (_multiple_choice("piqa", load_piqa, "piqa_items", ("piqa", "piqa_labels")), ("piqa_items",)),
     "blackbox": (_blackbox, ("blackbox_texts", "blackbox_max_new_tokens", "generation_batch_size")),
+    "lm_eval": (_lm_eval, ("lm_eval_tasks", "lm_eval_limit", "lm_eval_task_files")),
 }
 assert tuple(PROTOCOLS) == PROTOCOL_NAMES  # the config's list of names and the table of protocols agree
