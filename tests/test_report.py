@@ -160,3 +160,14 @@ def test_a_second_scorer_rescoring_the_continuations_shows_its_agreement_and_lea
     assert row.spearman == pytest.approx(spearmanr(texts.toxicity, texts["toxicity:bilstm-tcc"]).statistic)
     assert row["same ranking"] == (row["ranking (own scorer)"] == row["ranking (this scorer)"])
     assert "Scorer agreement" in render_html(report)
+
+
+def test_cpwb_report_writes_the_page_of_named_folders_and_refuses_a_non_evaluation(run_dir, tmp_path, capsys):
+    from cpwb.app.cli import main
+
+    folders = [f"{name}={folder}" for name, folder in _folders(run_dir).items()]
+    assert main(["report", *folders, "--out", str(tmp_path / "page" / "report.html")]) == 0
+    page = (tmp_path / "page" / "report.html").read_text()
+    assert "Differences from the base model" in page and (tmp_path / "page" / "figures" / "plotly.min.js").is_file()
+    assert main(["report", f"base={tmp_path}", "--out", str(tmp_path / "x.html")]) == 2
+    assert "no metrics.json" in capsys.readouterr().err and not (tmp_path / "x.html").exists()

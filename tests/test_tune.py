@@ -170,7 +170,7 @@ def test_a_worker_killed_mid_trial_leaves_it_failed_and_retried_and_the_study_co
 
 
 def _two_workers_complete_the_budget_once(tmp_path: Path, url: str) -> None:
-    study = _study(tmp_path, trials=4, sleep=0.5)
+    study = _study(tmp_path, trials=4, sleep=0.2)
     assert main(["tune", str(study), "--output-root", str(tmp_path / "out"), "--storage", url, "--jobs", "2"]) == 0
     trials = _trials(url)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -186,12 +186,12 @@ def _two_workers_complete_the_budget_once(tmp_path: Path, url: str) -> None:
 
 
 @pytest.mark.notebook
-def test_two_local_workers_share_a_sqlite_study_and_run_every_trial_exactly_once(tmp_path):
+def test_two_local_workers_share_the_default_sqlite_storage_and_run_every_trial_once(tmp_path):
     _two_workers_complete_the_budget_once(tmp_path, f"sqlite:///{tmp_path / 'study.db'}")
 
 
 @pytest.mark.notebook
-def test_two_workers_share_a_study_through_a_real_postgresql_server(tmp_path):
+def test_two_workers_share_a_study_through_a_real_postgresql_server_and_run_every_trial_once(tmp_path):
     with postgres_server() as url:
         _two_workers_complete_the_budget_once(tmp_path, url)
         assert json.loads(json.dumps(optuna.load_study(study_name="s", storage=url).user_attrs))["method"] == "cp"

@@ -1,5 +1,5 @@
-"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, export, evaluate, rescore,
-sweep, tune, bench.
+"""The `cpwb` command: run the notebooks, list assets, validate pairs, generate, train, export, evaluate, report,
+rescore, sweep, tune, bench.
 
 Every setting of `generate`, `train` and `evaluate` is an option of its own (`--tau 0.3`), listed by `--help` with
 its default, range and meaning, all taken from the config dataclasses. `--config FILE` (YAML) is optional; `-p
@@ -117,6 +117,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """report.html of evaluation folders: metrics with intervals, differences from the base, scorer agreement."""
+    from cpwb.analysis.report import build_report, write_report
+    from cpwb.core.errors import InputError
+
+    folders = {}
+    for item in args.folders:
+        name, _, folder = item.rpartition("=")
+        if not (Path(folder) / "metrics.json").is_file():
+            raise InputError("not an evaluation folder (no metrics.json)", folder)
+        folders[name or Path(folder).name] = folder
+    report = build_report(folders)
+    path = write_report(args.out, report, title=args.title or f"cpwb evaluation: {', '.join(folders)}")
+    print(report.differences.round(4).to_string(index=False) if len(report.differences) else "", f"\nreport: {path}")
+    return 0
+
+
 def cmd_rescore(args: argparse.Namespace) -> int:
     """Score evaluation folders' continuations again with another toxicity scorer."""
     from cpwb.engine.scoring import load_toxicity_scorer
@@ -204,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.set_defaults(func=cmd_export)
     _configured(sub, "evaluate", EvaluateConfig, "evaluation protocols (RTP, ToxiGen, WikiText-2, HellaSwag, PIQA, "
                 "...) on one model", cmd_evaluate)
+
+    reporter = sub.add_parser("report", help="report.html of evaluation folders (the first named `base` is the "
+                              "baseline of the paired differences)")
+    reporter.add_argument("folders", nargs="+", metavar="[NAME=]FOLDER", help="evaluation folders, e.g. base=outputs/"
+                          "lee2024/eval-base CP=outputs/lee2024/eval-cp-seed0")
+    reporter.add_argument("--out", required=True, help="the report.html to write (figures/ beside it)")
+    reporter.add_argument("--title", help="the page title")
+    reporter.set_defaults(func=cmd_report)
 
     rescorer = sub.add_parser("rescore", help="score evaluation folders' continuations again with another toxicity "
                               "scorer (a column each, figures in metrics.json, agreement in the report)")
