@@ -140,14 +140,14 @@ def test_one_worker_runs_the_budget_writes_results_and_a_rerun_adds_nothing(tmp_
 @pytest.mark.notebook
 @pytest.mark.fault(1)
 def test_a_worker_killed_mid_trial_leaves_it_failed_and_retried_and_the_study_completes(tmp_path):
-    study = _study(tmp_path, trials=3, sleep=4.0)
+    study = _study(tmp_path, trials=3, sleep=2.0)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     first = _tune(study, tmp_path / "out", "--storage", url)
     deadline = time.time() + 120
     while not any(line[0] == "start" for line in _executions(tmp_path / "out")):
         assert first.poll() is None and time.time() < deadline, first.stdout.read() if first.stdout else ""
         time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)  # mid-trial: the notebook sleeps 4 s
+    first.send_signal(signal.SIGKILL)  # mid-trial: the notebook sleeps 2 s
     first.wait()
     kernel = Path(f"/proc/{_executions(tmp_path / 'out')[0][3]}")
     while kernel.exists():  # the killed worker's kernel exits with it (ipykernel's parent poller)
