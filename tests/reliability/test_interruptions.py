@@ -246,6 +246,8 @@ ATOMIC_EXCEPTIONS = {
     ("steps.evaluation.parallel", "_child"): "the child's live log (its output as it comes, for a reader following "
                                              "the run); the child's protocol records, written atomically, are what "
                                              "mark its work done",
+    ("app.tune", "run_workers"): "each local worker's live log (its output as it comes); the study's storage, "
+                                 "transactional, is what marks trials done",
     ("app.runner", "execute_notebook"): "papermill writes the executed copy cell by cell on purpose (a failed or killed "
                                    "notebook's partial output is kept); run.json, written atomically, is what "
                                    "marks a notebook completed",

@@ -98,7 +98,7 @@ def run_harness(model, tokenizer, tasks: tuple[str, ...] = ("hellaswag", "piqa")
     with tempfile.TemporaryDirectory(prefix="cpwb-lm-eval-") as folder:
         write_task_files(folder, tasks)
         for path in task_files or []:
-            (Path(folder) / Path(path).name).write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
+            atomic_write_text(Path(folder) / Path(path).name, Path(path).read_text(encoding="utf-8"))
         names = [f"cpwb_{t}" for t in tasks] + [spec["task"] for spec in extra]
         manager = TaskManager(include_path=folder, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
