@@ -111,6 +111,9 @@ def test_a_storage_holding_the_same_study_with_other_settings_is_refused(tmp_pat
     work(load_study_spec(study), url, tmp_path / "out", say=lambda _: None)
     with pytest.raises(ConfigError, match="other settings"):
         work(load_study_spec(study, {"seed": 7}), url, tmp_path / "out", say=lambda _: None)
+    # where it is stored, the retry policy and the confirmation seeds do not change the trials: it joins
+    work(load_study_spec(study, {"confirm_seeds": [5, 6, 7], "max_retries": 0, "heartbeat_seconds": 30}), url,
+         tmp_path / "out", say=lambda _: None)
 
 
 # ----------------------------------------------------------------------------------------------- running

@@ -25,6 +25,7 @@ from cpwb.steps.training.config import Objective
 
 METHODS = Objective.__args__  # what `method` may name: TrainConfig's objectives (cp, dpo, simpo, ...)
 OBJECTIVE_METRICS = METRIC_ORDER  # the numbers a trial's result.json gives (cpwb.app.sweep.result_row)
+NOT_DIGESTED = ("storage", "source", "heartbeat_seconds", "max_retries", "confirm_seeds")
 SET_BY_STUDY = ("objective", "output_dir", "seed")  # `method`, the trial folder and `seed` set these
 Direction = Literal["minimize", "maximize"]
 
@@ -98,8 +99,9 @@ class StudySpec:
         return grid
 
     def digest(self) -> str:
-        """What makes two workers' study files the same study (storage and source aside)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("storage", "source")}
+        """What makes two workers' study files the same study: the settings that decide which trials run and how
+        they are judged. Where the storage is, the retry policy and the confirmation seeds may differ."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_DIGESTED}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
