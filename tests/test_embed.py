@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cpwb.analysis.embeddings import hidden_states, model_embeddings, model_fingerprint, resolve_layers
+from cpwb.engine.embeddings import hidden_states, model_embeddings, model_fingerprint, resolve_layers
 from cpwb.analysis.maps import (
     adapter_run,
     layer_sweep,

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from cpwb.engine.adapters import base_of
 from cpwb.engine.nll import texts_nll
 from cpwb.engine.scoring import SentenceEmbedder, ToxicityScorer
 from cpwb.steps.evaluation.likelihood import phi_gap
@@ -23,11 +24,12 @@ def paired_table(model, tokenizer, scorer: ToxicityScorer, embedder: SentenceEmb
 
 
 def phi_before_after(peft_model, tokenizer, records: Sequence, batch_size: int = 16) -> pd.DataFrame:
-    """phi of each record's first negative and first positive under the base (adapter disabled) and the adapter."""
+    """phi of each record's first negative and first positive under the base (adapter or intervention off) and with
+    it."""
     negatives = [r.negatives[0].text for r in records]
     positives = [r.positives[0].text for r in records]
     texts = negatives + positives
-    with peft_model.disable_adapter():
+    with base_of(peft_model):
         before = texts_nll(peft_model, tokenizer, texts, batch_size=batch_size).phi
     after = texts_nll(peft_model, tokenizer, texts, batch_size=batch_size).phi
     n = len(records)

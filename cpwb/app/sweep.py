@@ -33,8 +33,10 @@ PATH_SETTINGS = ("pairs", "model")  # made absolute when they name an existing p
 # Always written to results.csv, varied or not: what the ablation figures group by.
 DESIGN_COLUMNS = ("objective", "negatives", "max_positives", "max_negatives", "random_negatives", "alpha", "tau",
                   "prototype", "normalize_text", "kl_weight", "anchor_weight", "lr", "steps")
-METRIC_ORDER = ("greedy_toxicity", "base_greedy_toxicity", "toxicity_change", "greedy_toxic_rate",
-                "base_greedy_toxic_rate", "wikitext2_ppl", "base_wikitext2_ppl", "ppl_change", "phi_gap",
+METRIC_ORDER = ("greedy_toxicity", "base_greedy_toxicity", "toxicity_change", "toxicity_change_low",
+                "toxicity_change_high", "greedy_toxic_rate",
+                "base_greedy_toxic_rate", "wikitext2_ppl", "base_wikitext2_ppl", "ppl_change", "ppl_change_low",
+                "ppl_change_high", "phi_gap",
                 "base_phi_gap", "phi_gap_share_positive", "base_phi_gap_share_positive", "similarity",
                 "base_similarity", "train_seconds", "evaluate_seconds",
                 "step_seconds_median", "peak_memory_mb")

@@ -103,3 +103,23 @@ def paired_perplexity_difference(base_nll: Sequence[float], other_nll: Sequence[
                                  **kwargs) -> Interval:
     """perplexity(other) - perplexity(base) on the same windows, with its paired interval."""
     return bootstrap(_perplexity_difference, base_nll, other_nll, n_tokens, **kwargs)
+
+
+def _relative_change(base: np.ndarray, other: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(other, axis=axis) / np.mean(base, axis=axis) - 1
+
+
+def paired_relative_change(base: Sequence[float], other: Sequence[float], **kwargs) -> Interval:
+    """mean(other) / mean(base) - 1 over the same items (a toxicity change), with its paired interval."""
+    return bootstrap(_relative_change, base, other, **kwargs)
+
+
+def _perplexity_ratio(base_nll: np.ndarray, other_nll: np.ndarray, n_tokens: np.ndarray,
+                      axis: int = -1) -> np.ndarray:
+    return perplexity(other_nll, n_tokens, axis) / perplexity(base_nll, n_tokens, axis) - 1
+
+
+def paired_perplexity_change(base_nll: Sequence[float], other_nll: Sequence[float], n_tokens: Sequence[float],
+                             **kwargs) -> Interval:
+    """perplexity(other) / perplexity(base) - 1 on the same windows, with its paired interval."""
+    return bootstrap(_perplexity_ratio, base_nll, other_nll, n_tokens, **kwargs)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from cpwb.core.errors import InputError
 from cpwb.engine.device import eval_mode, pad_token_id
 
 # Logit elements per LM-head chunk: 2**25 fp32 values = 128 MiB whatever the vocabulary size.
@@ -111,6 +112,18 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | N
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     softcap = getattr(base.config, "final_logit_softcapping", None)
     return base.get_decoder(), base.get_output_embeddings(), softcap
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a (possibly peft-wrapped) causal LM, in order (what FSDP shards, what the
+    training-free interventions hook)."""
+    decoder, _, _ = decoder_and_head(model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise InputError(f"cannot find the transformer blocks of {type(decoder).__name__} (no layers/h/blocks list)",
+                     field="model")
 
 
 def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:

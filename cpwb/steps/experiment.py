@@ -23,6 +23,7 @@ from cpwb.steps.training.config import TrainConfig
 from cpwb.steps.training.trainer import train
 
 QUICK_EVAL_METRICS = ("phi_gap", "greedy_toxicity", "similarity", "wikitext2_ppl")  # in the cache key of base figures
+PER_ITEM = ("greedy_scores", "wikitext2_window_nll", "wikitext2_window_tokens")  # what the paired intervals need
 
 
 @dataclass
@@ -64,7 +65,11 @@ def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=
             "similarity": float(similarity.mean()),
             "wikitext2_ppl": fluency["perplexity"], "wikitext2_tokens": fluency["n_scored_tokens"],
             "examples": list(zip(prompts[:5], toxicity["continuations"][:5])),
-            "continuations": toxicity["continuations"]}
+            "continuations": toxicity["continuations"],
+            # per item, for paired intervals of the changes (not scalars: kept out of results.csv)
+            "greedy_scores": [float(x) for x in toxicity["scores"]],
+            "wikitext2_window_nll": [float(x) for x in fluency["windows"].nll_sum],
+            "wikitext2_window_tokens": [int(x) for x in fluency["windows"].n_tokens]}
 
 
 def _eval_key(train_config: TrainConfig, eval_config: QuickEvalConfig) -> str:
@@ -82,14 +87,27 @@ def base_eval(train_config: TrainConfig, eval_config: QuickEvalConfig, cache_roo
     from cpwb.engine.assets import load_causal_lm, load_tokenizer
 
     path = Path(cache_root) / f"{_eval_key(train_config, eval_config)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if all(field in cached for field in PER_ITEM):  # figures cached before PER_ITEM existed are computed again
+        return cached
     _, heldout, _ = load_training_pairs(train_config)
     model = load_causal_lm(train_config.model, trust_remote_code=train_config.trust_remote_code)
     tokenizer = load_tokenizer(train_config.model, trust_remote_code=train_config.trust_remote_code)
     result = quick_eval(model, tokenizer, heldout, eval_config, progress=progress)
     atomic_write_json(path, result)
     return result
+
+
+def change_intervals(base: dict[str, Any], trained: dict[str, Any]) -> dict[str, float]:
+    """95% paired bootstrap intervals of the toxicity change (over prompts) and the perplexity change (over
+    WikiText-2 windows), as `<change>_low` / `<change>_high`."""
+    from cpwb.core.stats import paired_perplexity_change, paired_relative_change
+
+    toxicity = paired_relative_change(base["greedy_scores"], trained["greedy_scores"])
+    fluency = paired_perplexity_change(base["wikitext2_window_nll"], trained["wikitext2_window_nll"],
+                                       trained["wikitext2_window_tokens"])
+    return {"toxicity_change_low": toxicity.low, "toxicity_change_high": toxicity.high,
+            "ppl_change_low": fluency.low, "ppl_change_high": fluency.high}
 
 
 def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig | None = None,
@@ -116,6 +134,7 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
         "peak_memory_mb": max((m["peak_memory_mb"] for m in steps), default=None),
         "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,
         "ppl_change": trained["wikitext2_ppl"] / base["wikitext2_ppl"] - 1,
+        **change_intervals(base, trained),
         "device": device_name(), "versions": code,  # where and with which code (git commit) it ran
     }
     atomic_write_json(done, summary)

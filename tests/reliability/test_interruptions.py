@@ -242,7 +242,7 @@ ATOMIC_EXCEPTIONS = {
     ("engine.assets", "_convert_gguf_lm"): "a cached_conversion build: writes into its temporary folder",
     ("engine.bilstm", "convert"): "a cached_conversion build: writes into its temporary folder",
     ("engine.bilstm", "KerasTokenizer.save"): "called only by convert, into cached_conversion's temporary folder",
-    ("analysis.embeddings", "_save"): "np.save into an in-memory buffer, then atomic_write_bytes",
+    ("engine.embeddings", "_save"): "np.save into an in-memory buffer, then atomic_write_bytes",
     ("steps.evaluation.parallel", "_child"): "the child's live log (its output as it comes, for a reader following "
                                              "the run); the child's protocol records, written atomically, are what "
                                              "mark its work done",

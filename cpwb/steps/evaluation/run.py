@@ -21,9 +21,9 @@ import pandas as pd
 
 from cpwb.core.config import to_dict
 from cpwb.core.errors import CpwbError
-from cpwb.core.files import atomic_write_json, atomic_write_text, sha256_file
+from cpwb.core.files import atomic_write_json, atomic_write_text
 from cpwb.core.provenance import digest
-from cpwb.engine.adapters import base_of
+from cpwb.engine.adapters import adapter_fingerprint, base_of
 from cpwb.steps.evaluation.config import EMBEDDER_NAME, GENERATIVE, EvaluateConfig
 from cpwb.steps.evaluation.protocols import PROTOCOLS, Evaluation, Part
 from cpwb.steps.evaluation.records import metric_rows, provenance, write_metrics
@@ -44,10 +44,9 @@ def load_model(config: EvaluateConfig):
 
 def protocol_key(config: EvaluateConfig, name: str) -> str:
     """What a protocol's numbers depend on, hashed: a re-run with the same key reuses them."""
-    adapter_file = Path(config.adapter or "") / "adapter_model.safetensors"
     fields = ("model", "adapter", "scorer", "seed", "batch_size", *PROTOCOLS[name][1])
     blob = {"protocol": name, **{f: getattr(config, f) for f in fields},
-            "adapter_weights": sha256_file(adapter_file) if config.adapter and adapter_file.is_file() else None}
+            "adapter_weights": adapter_fingerprint(config.adapter) if config.adapter else None}
     return digest(blob, 16)
 
 

@@ -1,6 +1,7 @@
 """The training data: pairs (a file, ParaDetox, or both), the seeded anchor order, and each step's batch of texts."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +50,24 @@ def load_training_pairs(config: TrainConfig) -> tuple[list[PairRecord], list[Pai
     if not kept:
         raise ConfigError(f"no training anchors left ({len(train)} before the canonical held-out ParaDetox pairs "
                           "were taken out)", field="pairs")
-    return kept, heldout, {**source, "n_train": len(kept), "n_heldout": len(heldout),
-                           "n_reserved_left_out": len(train) - len(kept)}
+    chosen, swapped = limited_and_swapped(kept, config)
+    return chosen, heldout, {**source, "n_train": len(chosen), "n_heldout": len(heldout),
+                             "n_reserved_left_out": len(train) - len(kept),
+                             **({"n_before_limit": len(kept)} if len(chosen) < len(kept) else {}),
+                             **({"n_swapped": swapped} if config.swap_fraction else {})}
+
+
+def limited_and_swapped(records: list[PairRecord], config: TrainConfig) -> tuple[list[PairRecord], int]:
+    """The training pairs a run fits on: `train_pairs_limit` of them drawn with `seed` (in their order), then
+    `swap_fraction` of those with their non-toxic and toxic sides exchanged (pairs with both sides); and how many
+    were swapped. With the defaults, `records` unchanged."""
+    if 0 < config.train_pairs_limit < len(records):
+        keep = sorted(random.Random(config.seed).sample(range(len(records)), config.train_pairs_limit))
+        records = [records[i] for i in keep]
+    both = [i for i, r in enumerate(records) if r.positives and r.negatives]
+    flip = set(random.Random(config.seed + 1).sample(both, round(config.swap_fraction * len(both))))
+    return [dataclasses.replace(r, positives=r.negatives, negatives=r.positives) if i in flip else r
+            for i, r in enumerate(records)], len(flip)
 
 
 def anchor_order(n_anchors: int, seed: int, count: int, offset: int = 0) -> list[int]:

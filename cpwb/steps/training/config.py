@@ -11,7 +11,8 @@ from cpwb.engine.device import ModelSettings
 from cpwb.engine.loss import CPLossConfig
 from cpwb.steps.training.tracking import missing_tracker
 
-Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo"]
+Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo", "profs", "steering"]
+TRAINING_FREE = ("profs", "steering")  # fitted from the pairs' hidden states, no gradient steps
 
 
 @dataclass
@@ -40,12 +41,17 @@ class TrainConfig:
                                  check=">=0")
     random_negatives: int = setting(0, "toxic texts of other anchors added to each anchor's negatives (a strength "
                                        "knob: docs/ablations.md)", check=">=0")
+    train_pairs_limit: int = setting(0, "fit on this many training pairs only, drawn with `seed` (sample-efficiency "
+                                        "studies); 0: all", check=">=0")
+    swap_fraction: float = setting(0.0, "share of training pairs whose non-toxic and toxic sides are swapped, drawn "
+                                        "with `seed` (label-noise studies)", check="[0,1]")
     max_length: int = setting(128, "tokens per text, at most", check=">=1")
     packing: bool = setting(True, "run each step's texts as one padding-free row (checked against padding once per "
                                   "run; padded when the model disagrees)")
     # objective (see cpwb.engine.loss)
     objective: Objective = setting("cp", "cp; or an ablation or baseline on the same pairs: reference (the released "
-                                         "code's loss), positives_only, negatives_only, dpo, simpo")
+                                         "code's loss), positives_only, negatives_only, dpo, simpo; or a "
+                                         "training-free peer: profs, steering (docs/peers.md)")
     negatives: Literal["directional", "symmetric"] = same_as(CPLossConfig, "negatives")
     tau: float = same_as(CPLossConfig, "tau")
     alpha: float = same_as(CPLossConfig, "alpha")
@@ -65,6 +71,19 @@ class TrainConfig:
     simpo_beta: float = setting(2.0, "SimPO's beta: the scale of the length-normalised log-probability margin",
                                 check=">0")
     simpo_gamma: float = setting(0.5, "SimPO's target margin gamma", check="finite")
+    # training-free peers (cpwb.engine.interventions)
+    edit_rank: int = setting(2, "ProFS: toxic directions projected out of each edited block's MLP output (the "
+                                "paper's k)", check=">=1")
+    edit_layers: list[int] = setting([], "ProFS: the blocks edited; []: the upper half (the paper edits GPT-2 "
+                                         "medium's blocks 10-23 of 24)")
+    edit_centering: bool = setting(True, "ProFS: project the corpus-wide direction (top singular vector of the "
+                                         "non-toxic embeddings) out of the preference matrix first")
+    steering_layer: int | None = setting(None, "steering: the block whose output is steered; null: the middle one")
+    embedding_cache: bool = setting(True, "ProFS, steering: reuse the pairs' hidden states across runs of the same "
+                                          "model (cached under $CPWB_CACHE/embeddings); false: computed every fit, "
+                                          "so its time is the full fitting cost")
+    steering_strength: float = setting(1.0, "steering: multiples of the mean toxic-minus-neutral hidden state "
+                                            "subtracted at every position (0: the base model)", check=">=0")
     # LoRA
     lora_r: int = setting(16, "LoRA rank", check=">=1")
     lora_alpha: int = setting(32, "LoRA alpha: the adapter's update is scaled by alpha / r (32 / 16 = 2 by "

@@ -62,12 +62,14 @@ def make_accelerator(config: TrainConfig):
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
     """The transformer blocks of a (peft-wrapped) causal LM: what FSDP shards one by one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(base.get_decoder(), "layers", None)
-    if layers is None:
-        raise ConfigError(f"{type(base).__name__} has no decoder layers to shard; use distributed: ddp",
-                          field="distributed")
-    return list(layers)
+    from cpwb.core.errors import InputError
+    from cpwb.engine.nll import decoder_layers
+
+    try:
+        return list(decoder_layers(model))
+    except InputError:
+        raise ConfigError(f"{type(model).__name__} has no decoder layers to shard; use distributed: ddp",
+                          field="distributed") from None
 
 
 def wrap(objective: Objective, accelerator, config: TrainConfig) -> torch.nn.Module:

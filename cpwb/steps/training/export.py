@@ -37,8 +37,15 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, model: str 
 
     The base model is the run's (config.yaml), else `model`, else the adapter's own record of it.
     """
+    from cpwb.engine.interventions import is_intervention, load_intervention
+
     adapter, settings = run_adapter(run_dir)
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    intervention = load_intervention(adapter) if is_intervention(adapter) else None
+    if intervention is not None and intervention.method == "steering" and merge:
+        raise InputError("steering acts on activations while the model runs: it has no merged weights; export with "
+                         "--no-merge (the intervention folder) instead", adapter, field="merge")
+    recorded = (intervention.settings.get("model") if intervention is not None else
+                json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path"))
     base = model or settings.get("model") or recorded
     if not base:
         raise InputError("the run names no base model; pass one", run_dir, field="model")
@@ -46,7 +53,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, model: str 
     with atomic_path(out) as tmp:
         if merge:
             peft_model, tokenizer = load_adapter(adapter, base, "cpu", bool(settings.get("trust_remote_code")))
-            merged = peft_model.merge_and_unload()
+            merged = peft_model if intervention is not None else peft_model.merge_and_unload()  # ProFS: edited
             merged.config.name_or_path = str(out)
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))

@@ -28,7 +28,7 @@ from cpwb.engine.assets import model_label
 from cpwb.engine.device import peak_memory_mb, pick_device
 from cpwb.steps.training.batches import anchor_order, build_anchor_batch, load_training_pairs
 from cpwb.steps.training.checkpoints import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.config import TRAINING_FREE, TrainConfig
 from cpwb.steps.training.distributed import Objective, is_sharded, make_accelerator, no_gradient_sync, reduced, wrap
 from cpwb.steps.training.model import build_model, check_target_modules, make_optimizer, use_packing
 from cpwb.steps.training.objective import objective_loss
@@ -76,6 +76,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     process would draw, split over the processes; gradients are reduced by DDP or FSDP, metrics over processes, and
     only the main process writes files.
     """
+    if config.objective in TRAINING_FREE:  # ProFS, steering: fitted from hidden states, no steps
+        from cpwb.steps.training.editing import fit_intervention
+
+        return fit_intervention(config, resume=resume)
     train_pairs, heldout, source = load_training_pairs(config)  # bad data fails before any weights load
     check_target_modules(config)
     accelerator = make_accelerator(config)

@@ -1,10 +1,10 @@
-"""Where toxic and non-toxic texts sit in a model's embedding space, before and after CP, in pictures and numbers.
+"""Texts as vectors under a model: pooled hidden states per layer (base, adapter or intervention on or off) and
+MiniLM sentence embeddings, cached on disk.
 
 Texts are embedded by pooling one layer's hidden states over their real tokens (padding and the start token
 masked), from the base model and from the same model with a CP adapter, and by MiniLM as a model-independent
-reference. Embeddings are cached on disk per (model weights, adapter weights, layer, pooling, texts). UMAP draws
-them in 2-D or 3-D with a fixed seed (one fit per projection); the silhouette of toxic vs non-toxic and the
-balanced accuracy of a cross-validated logistic-regression probe measure the separation per layer."""
+reference. Embeddings are cached on disk per (model weights, adapter weights, layer, pooling, texts). Notebook 04
+draws them with UMAP (cpwb.analysis.maps); the training-free peers (cpwb.engine.interventions) fit on them."""
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 from cpwb.core.errors import InputError
 from cpwb.core.files import atomic_write_bytes
 from cpwb.core.provenance import digest
+from cpwb.engine.adapters import base_of
 from cpwb.engine.device import eval_mode
-from cpwb.engine.nll import decoder_and_head, encode, length_buckets
+from cpwb.engine.interventions import attached
+from cpwb.engine.nll import decoder_and_head, decoder_layers, encode, length_buckets
 from cpwb.engine.scoring import SentenceEmbedder
 
 POOLINGS = ("mean", "last")
@@ -61,7 +63,8 @@ def _save(path: Path | None, array: np.ndarray) -> None:
 
 
 def model_fingerprint(model, use_adapter: bool = True) -> str:
-    """Identity of the weights that embed: the base model's name (all its weights when unnamed) and the adapter's."""
+    """Identity of the weights that embed: the base model's name (all its weights when unnamed) and the adapter's or
+    intervention's."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = base.config.name_or_path
     hasher = hashlib.sha256(f"{name}|{base.dtype}".encode())
@@ -70,6 +73,10 @@ def model_fingerprint(model, use_adapter: bool = True) -> str:
         from peft import get_peft_model_state_dict
 
         tensors |= {f"adapter.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+    intervention = attached(model) if use_adapter else None
+    if intervention is not None:  # a ProFS edit or steering: its directions and strength
+        hasher.update(f"{intervention.method}|{intervention.layers}|{intervention.strength}".encode())
+        tensors |= {f"intervention.{k}": v for k, v in intervention.tensors.items()}
     for key in sorted(tensors):
         hasher.update(key.encode())
         hasher.update(tensors[key].detach().float().cpu().numpy().tobytes())
@@ -102,12 +109,14 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 @torch.no_grad()
 def hidden_states(model, tokenizer, texts: Sequence[str], layers: Sequence[int] | None = None, pooling: str = "mean",
-                  batch_size: int = 16, max_length: int = 128, progress: bool = False) -> dict[int, np.ndarray]:
+                  batch_size: int = 16, max_length: int = 128, progress: bool = False,
+                  before_final_norm: bool = False) -> dict[int, np.ndarray]:
     """Pooled hidden states {layer: (n_texts, hidden)} of `model` as it is (adapter on or off), uncached.
 
     `mean` averages over the text's own tokens, `last` takes its last token; padding and the start token that
     opens every text (`cpwb.engine.nll.encode`, as in scoring) never count, and position ids follow the attention mask,
-    so a text's embedding does not depend on the batch it is in.
+    so a text's embedding does not depend on the batch it is in. Layer l > 0 is block l-1's output; the last is
+    taken after the final norm unless `before_final_norm` (then every layer is a block output, the residual stream).
     """
     if pooling not in POOLINGS:
         raise InputError(f"must be one of {list(POOLINGS)}, got {pooling!r}", field="pooling")
@@ -124,8 +133,19 @@ def hidden_states(model, tokenizer, texts: Sequence[str], layers: Sequence[int] 
             if empty:
                 raise InputError("has no tokens to embed", field=f"texts[{idx[empty[0]]}]")
             position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-            states = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=position_ids, output_hidden_states=True, use_cache=False).hidden_states
+            captured: list[torch.Tensor] = []
+            hook = (decoder_layers(model)[-1].register_forward_hook(
+                lambda _m, _i, output: captured.append(output[0] if isinstance(output, tuple) else output))
+                if before_final_norm else None)
+            try:
+                states = list(decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=position_ids, output_hidden_states=True,
+                                      use_cache=False).hidden_states)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if captured:
+                states[-1] = captured[0]
             mask = batch.target_mask.float()
             if pooling == "last":  # keep only the last text token of each row
                 last = batch.target_mask.shape[1] - 1 - batch.target_mask.flip(-1).int().argmax(-1)
@@ -138,7 +158,8 @@ def hidden_states(model, tokenizer, texts: Sequence[str], layers: Sequence[int] 
 
 def model_embeddings(model, tokenizer, texts: Sequence[str], layers: Sequence[int] | None = None,
                      pooling: str = "mean", use_adapter: bool = True, cache_dir: str | Path | None = None,
-                     batch_size: int = 16, max_length: int = 128, progress: bool = False) -> dict[int, np.ndarray]:
+                     batch_size: int = 16, max_length: int = 128, progress: bool = False,
+                     before_final_norm: bool = False) -> dict[int, np.ndarray]:
     """`hidden_states` with the adapter on or off (`use_adapter`, for peft models), cached per layer in `cache_dir`.
 
     All layers missing from the cache come from one forward pass; the cache key covers the model (its name, or its
@@ -149,13 +170,15 @@ def model_embeddings(model, tokenizer, texts: Sequence[str], layers: Sequence[in
     identity = model_fingerprint(model, use_adapter)
     files = {layer: _cache_file(cache_dir, {"kind": "hidden", "model": identity,
                                             "layer": layer, "pooling": pooling, "max_length": max_length,
-                                            "texts": texts_hash(texts)}) for layer in layers}
+                                            "texts": texts_hash(texts),
+                                            **({"before_final_norm": True} if before_final_norm else {})})
+             for layer in layers}
     found = {layer: _load(files[layer], len(texts)) for layer in layers}
     missing = [layer for layer in layers if found[layer] is None]
     if missing:
-        switch_off = hasattr(model, "peft_config") and not use_adapter
-        with model.disable_adapter() if switch_off else contextlib.nullcontext():
-            computed = hidden_states(model, tokenizer, texts, missing, pooling, batch_size, max_length, progress)
+        with base_of(model) if not use_adapter else contextlib.nullcontext():
+            computed = hidden_states(model, tokenizer, texts, missing, pooling, batch_size, max_length, progress,
+                                     before_final_norm)
         for layer, array in computed.items():
             _save(files[layer], array)
             found[layer] = array

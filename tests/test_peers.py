@@ -1,0 +1,156 @@
+"""The training-free peers: ProFS removes exactly its subspace, steering at strength 0 is the base model, both are
+reversible, saved and loaded as a run's adapter, and refuse impossible settings before writing anything."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpwb.core.config import from_dict
+from cpwb.core.errors import ConfigError
+from cpwb.data.pairs import PairRecord, PairText
+from cpwb.engine.adapters import base_of, find_adapter, load_adapter
+from cpwb.engine.interventions import (
+    Intervention,
+    attached,
+    detach,
+    load_intervention,
+    mlp_output,
+    profs_directions,
+    project_out,
+    suspended,
+)
+from cpwb.engine.nll import decoder_layers, encode
+from cpwb.steps.training.batches import limited_and_swapped
+from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.trainer import train
+from tests.test_train import tiny_config, tiny_setup  # noqa: F401  (the module fixture)
+
+
+def peer_config(root, out, **overrides) -> TrainConfig:
+    """The tiny run of tests/test_train.py, fitted without the shared embedding cache."""
+    return tiny_config(root, out, embedding_cache=False, **overrides)
+
+
+def _logits(model, tokenizer, texts=("you are a fool", "the weather is nice")):
+    batch = encode(tokenizer, list(texts))
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+# ------------------------------------------------------------------------------------------------ ProFS algebra
+@pytest.mark.parametrize("axis", [0, 1])
+def test_projection_is_idempotent_and_leaves_nothing_along_the_directions(axis):
+    torch.manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(32, 3)).Q  # orthonormal [D, k]
+    weight = torch.randn(32, 48) if axis == 0 else torch.randn(48, 32)  # Linear [out=D, in], Conv1D [in, out=D]
+    edited = project_out(weight, directions, axis)
+    along = directions.T @ edited if axis == 0 else edited @ directions
+    assert along.abs().max() < 1e-5
+    assert torch.allclose(project_out(edited, directions, axis), edited, atol=1e-6)
+    orthogonal = torch.linalg.qr(torch.cat([directions, torch.randn(32, 1)], 1)).Q[:, -1:]  # outside the span
+    kept = orthogonal.T @ weight if axis == 0 else weight @ orthogonal
+    assert torch.allclose(orthogonal.T @ edited if axis == 0 else edited @ orthogonal, kept, atol=1e-5)
+
+
+def test_profs_directions_are_orthonormal_and_centring_removes_the_corpus_direction():
+    torch.manual_seed(1)
+    common = torch.randn(16)
+    positive = torch.randn(40, 16) + 5 * common
+    negative = positive + torch.randn(40, 16) * 0.1 + torch.outer(torch.rand(40), torch.eye(16)[3]) * 3
+    v = profs_directions(positive, negative, rank=2, centering=True)
+    assert torch.allclose(v.T @ v, torch.eye(2), atol=1e-5)
+    mu = torch.linalg.svd(positive.double(), full_matrices=False).Vh[0].float()
+    assert (mu @ v).abs().max() < 1e-4
+    assert v[:, 0].abs().argmax() == 3  # the planted toxic direction is found first
+
+
+# ------------------------------------------------------------------------------------------------ fitted on a run
+def test_profs_run_edits_exactly_the_chosen_blocks_and_is_reversible(tiny_setup, tmp_path):  # noqa: F811
+    result = train(peer_config(tiny_setup, tmp_path / "profs", objective="profs", edit_layers=[1], edit_rank=2))
+    model, tokenizer = result.model, result.tokenizer
+    intervention = attached(model)
+    assert intervention.method == "profs" and intervention.layers == [1]
+    blocks = decoder_layers(model)
+    edited, axis = mlp_output(blocks[1])
+    v = intervention.tensors[1]
+    assert (v.T @ edited.weight).abs().max() < 1e-5  # nothing left along the toxic directions
+    untouched = mlp_output(blocks[0])[0].weight.clone()
+    after = _logits(model, tokenizer)
+    with base_of(model):
+        base = _logits(model, tokenizer)
+        assert torch.equal(mlp_output(blocks[0])[0].weight, untouched)
+        assert (v.T @ mlp_output(blocks[1])[0].weight).abs().max() > 1e-3  # the original weights are back
+    assert not torch.allclose(after, base)
+    assert torch.equal(_logits(model, tokenizer), after)  # re-applied exactly
+    # the saved artefact is the run's adapter: evaluation loads it on a fresh base model, same logits
+    loaded, _ = load_adapter(find_adapter(str(result.adapter_dir), tmp_path), model=str(tiny_setup / "model"))
+    assert torch.allclose(_logits(loaded, tokenizer), after, atol=1e-5)
+    assert (tmp_path / "profs" / "metrics.jsonl").is_file() and result.metrics[0]["step_seconds"] > 0
+
+
+def test_steering_at_strength_zero_is_the_base_model_and_otherwise_moves_it(tiny_setup, tmp_path):  # noqa: F811
+    result = train(peer_config(tiny_setup, tmp_path / "steer", objective="steering", steering_strength=0.0))
+    model, tokenizer = result.model, result.tokenizer
+    with suspended(model):
+        base = _logits(model, tokenizer)
+    assert torch.equal(_logits(model, tokenizer), base)
+    vectors = load_intervention(result.adapter_dir)
+    assert vectors.layers == [1] and vectors.strength == 0.0  # null layer: the middle block of 2
+    detach(model)
+    Intervention("steering", [1], vectors.tensors, strength=4.0).attach(model)
+    assert not torch.allclose(_logits(model, tokenizer), base)
+    with base_of(model):
+        assert torch.equal(_logits(model, tokenizer), base)
+    detach(model)
+    assert torch.equal(_logits(model, tokenizer), base)
+
+
+@pytest.mark.parametrize("overrides, field_name", [
+    ({"objective": "steering", "steering_layer": 2}, "steering_layer"),
+    ({"objective": "steering", "steering_layer": -1}, "steering_layer"),
+    ({"objective": "profs", "edit_layers": [0, 7]}, "edit_layers"),
+    ({"objective": "profs", "edit_rank": 65}, "edit_rank"),
+])
+def test_impossible_peer_settings_fail_naming_the_setting_and_write_nothing(tiny_setup, tmp_path, overrides,  # noqa
+                                                                           field_name):
+    with pytest.raises(ConfigError) as err:
+        train(peer_config(tiny_setup, tmp_path / "run", **overrides))
+    assert err.value.field == field_name
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_steering_strength_is_refused_in_the_config():
+    with pytest.raises(ConfigError, match="steering_strength"):
+        from_dict(TrainConfig, {"objective": "steering", "steering_strength": -1.0})
+
+
+# ------------------------------------------------------------------------------------------------ data knobs
+def _records(n):
+    return [PairRecord(id=str(i), anchor=f"a{i}", positives=(PairText(f"p{i}", "h"),),
+                       negatives=(PairText(f"n{i}", "h"),)) for i in range(n)]
+
+
+def test_pairs_limit_and_swap_fraction_draw_with_the_seed_and_default_to_everything_as_is():
+    records = _records(50)
+    same, swapped = limited_and_swapped(records, TrainConfig())
+    assert same == records and swapped == 0
+    limited, _ = limited_and_swapped(records, TrainConfig(train_pairs_limit=20, seed=3))
+    assert len(limited) == 20 and len({r.id for r in limited}) == 20
+    assert limited == limited_and_swapped(records, TrainConfig(train_pairs_limit=20, seed=3))[0]
+    assert limited != limited_and_swapped(records, TrainConfig(train_pairs_limit=20, seed=4))[0]
+    noisy, n = limited_and_swapped(records, TrainConfig(swap_fraction=0.4, seed=0))
+    flipped = [r for r in noisy if r.positives[0].text.startswith("n")]
+    assert n == 20 and len(flipped) == 20
+    assert all(r.negatives[0].text == f"p{r.id}" for r in flipped)
+
+
+def test_block_outputs_leave_the_final_norm_out_of_the_last_layer_only(tiny_lm):
+    from cpwb.engine.embeddings import hidden_states
+
+    model, tokenizer = tiny_lm
+    texts = ["you are a fool", "the weather is nice today"]
+    normed = hidden_states(model, tokenizer, texts, layers=[1, 2], pooling="last")
+    raw = hidden_states(model, tokenizer, texts, layers=[1, 2], pooling="last", before_final_norm=True)
+    assert (normed[1] == raw[1]).all() and not (normed[2] == raw[2]).all()
+    with torch.no_grad():  # one token's state: the final norm of the raw one is the normed one
+        assert torch.allclose(model.model.norm(torch.from_numpy(raw[2])), torch.from_numpy(normed[2]), atol=1e-5)
