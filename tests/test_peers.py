@@ -154,3 +154,114 @@ def test_block_outputs_leave_the_final_norm_out_of_the_last_layer_only(tiny_lm):
     assert (normed[1] == raw[1]).all() and not (normed[2] == raw[2]).all()
     with torch.no_grad():  # one token's state: the final norm of the raw one is the normed one
         assert torch.allclose(model.model.norm(torch.from_numpy(raw[2])), torch.from_numpy(normed[2]), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the comparison
+def _sweep_rows(objective, variant, seeds, knob=None, values=(None,), **extra):
+    return [{"point": f"{variant}-{v}-{s}", "variant": variant, "status": "completed", "objective": objective,
+             "seed": s, "toxicity_change": -0.5 + 0.01 * s - (v or 0) * 0.1, "ppl_change": 0.01 + (v or 0) * 0.02,
+             "toxicity_change_low": -0.6, "toxicity_change_high": -0.4, "ppl_change_low": 0.0,
+             "ppl_change_high": 0.02, "similarity": 0.27, "train_seconds": 100.0, **({knob: v} if knob else {}),
+             **extra} for v in values for s in seeds]
+
+
+def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_single_seeds():
+    import pandas as pd
+
+    from cpwb.analysis import peers as compare
+
+    grid = pd.DataFrame(_sweep_rows("cp", "base", [0, 1, 2]) + _sweep_rows("dpo", "objective=dpo", [0, 1])
+                        + _sweep_rows("cp", "alpha=2.0", [0]))  # an ablation, not a compared method
+    peers = pd.DataFrame(_sweep_rows("profs", "p", [0], "edit_rank", (1, 2, 4), edit_layers="[]")
+                         + _sweep_rows("steering", "s", [0], "steering_strength", (0.5, 2.0), steering_layer=8))
+    points = compare.method_points(grid, peers)
+    assert sorted(points.method.unique()) == ["CP", "DPO", "ProFS", "steering"] and len(points) == 10
+    table = compare.comparison_table(points)
+    cp = table[table.method == "CP"].iloc[0]
+    assert cp.seeds == 3 and cp["toxicity change"] == "-49 ± 1%"
+    profs = table[table.method == "ProFS"]
+    assert list(profs.setting) == ["default; edit_rank=1", "default; edit_rank=2", "default; edit_rank=4"]
+    assert profs.iloc[0]["toxicity change"] == "-60% [-60, -40]"  # one seed: its paired interval
+    assert table[table.method == "steering"].setting.iloc[0] == "block 8; steering_strength=0.5"
+    fig = compare.comparison_figure(points)
+    curves = {trace.name: trace for trace in fig.data}
+    assert curves["ProFS"].mode == "lines+markers" and list(curves["ProFS"].x) == pytest.approx([3, 5, 9])
+    assert curves["CP"].mode == "markers"
+    front = curves["Pareto front"]
+    assert min(front.y) == pytest.approx(-90)  # ProFS rank 4 cuts most
+
+
+# ------------------------------------------------------------------------------------------------ DExperts
+@pytest.fixture(scope="module")
+def dexperts_run(tiny_setup, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("dexperts") / "run"
+    return train(peer_config(tiny_setup, out, objective="dexperts", steps=2, dexperts_alpha=1.5, lr=5e-2))
+
+
+def _nll_logits(model, tokenizer):
+    from cpwb.engine.nll import texts_nll
+
+    return texts_nll(model, tokenizer, ["you are a fool", "the weather is nice today"]).phi
+
+
+def test_dexperts_run_trains_both_experts_and_saves_a_loadable_artefact(dexperts_run, tiny_setup):  # noqa: F811
+    from cpwb.engine.dexperts import DExpertsLM
+
+    folder = dexperts_run.adapter_dir
+    assert (folder / "dexperts.json").is_file() and (folder / "expert").is_dir() and (folder / "anti").is_dir()
+    assert {m["expert"] for m in dexperts_run.metrics} == {"expert", "anti"} and len(dexperts_run.metrics) == 4
+    loaded, tokenizer = load_adapter(find_adapter(str(folder), folder), model=str(tiny_setup / "model"))
+    assert isinstance(loaded, DExpertsLM) and loaded.alpha == 1.5
+    assert torch.allclose(_logits(loaded, tokenizer), _logits(dexperts_run.model, tokenizer), atol=1e-5)
+
+
+def test_dexperts_logits_are_base_plus_alpha_times_expert_minus_anti_and_alpha_zero_is_the_base(dexperts_run):
+    model, tokenizer = dexperts_run.model, dexperts_run.tokenizer
+    peft = model.peft
+    with peft.disable_adapter():
+        base = _logits(peft, tokenizer)
+    peft.set_adapter("expert")
+    expert = _logits(peft, tokenizer)
+    peft.set_adapter("anti")
+    anti = _logits(peft, tokenizer)
+    assert not torch.allclose(expert, anti)  # the two adapters learned different things
+    assert torch.allclose(_logits(model, tokenizer), base + 1.5 * (expert - anti), atol=1e-4)
+    with base_of(model):
+        assert torch.allclose(_logits(model, tokenizer), base, atol=1e-5)
+        base_phi = _nll_logits(model, tokenizer)
+    model.alpha = 0.0
+    try:
+        assert torch.allclose(_logits(model, tokenizer), base, atol=1e-5)
+        assert abs(_nll_logits(model, tokenizer) - base_phi).max() < 1e-5  # phi sees the combination too
+    finally:
+        model.alpha = 1.5
+    assert abs(_nll_logits(model, tokenizer) - base_phi).max() > 1e-4
+
+
+def test_dexperts_cached_greedy_decoding_matches_recomputing_the_combined_logits(dexperts_run):
+    from cpwb.engine.generate import generate, prompt_ids
+
+    model, tokenizer = dexperts_run.model, dexperts_run.tokenizer
+    prompts = ["you are such a", "the weather today"]
+    fast = generate(model, tokenizer, prompts, max_new_tokens=5)
+    for prompt, (text,) in zip(prompts, fast):
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+        for _ in range(5):  # no cache: the whole sequence through the combined forward each step
+            with torch.no_grad():
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        expected = tokenizer.decode(ids[0, -5:], skip_special_tokens=True)
+        assert text == expected
+
+
+def test_data_figure_orders_pair_counts_with_all_last_and_averages_seeds():
+    import pandas as pd
+
+    from cpwb.analysis import peers as compare
+
+    rows = [{"status": "completed", "objective": o, "train_pairs_limit": n, "seed": s,
+             "toxicity_change": -0.1 * (1 + (n or 1000) / 100) + 0.01 * s, "ppl_change": 0.01}
+            for o in ("cp", "profs") for n in (0, 50, 200) for s in (0, 1)]
+    fig = compare.data_figure(pd.DataFrame(rows), "train_pairs_limit")
+    cp = [t for t in fig.data if t.name == "CP" and t.showlegend][0]
+    assert list(cp.x) == ["50", "200", "all"]
+    assert cp.y[0] == pytest.approx(100 * (-0.15 + 0.005))

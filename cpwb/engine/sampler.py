@@ -86,7 +86,8 @@ class Decoder:
         """The key/value cache of the prompts, each repeated k times, and the next-token logits of every row."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        new_cache = getattr(self.model, "new_cache", None)  # a model combining several passes keeps one cache each
+        cache = new_cache() if new_cache is not None else DynamicCache(config=self.model.config)
         if common:
             self.model(input_ids=ids[:1, :common], **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(ids.shape[0])

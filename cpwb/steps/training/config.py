@@ -11,7 +11,8 @@ from cpwb.engine.device import ModelSettings
 from cpwb.engine.loss import CPLossConfig
 from cpwb.steps.training.tracking import missing_tracker
 
-Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo", "profs", "steering"]
+Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo", "profs", "steering",
+                    "dexperts"]
 TRAINING_FREE = ("profs", "steering")  # fitted from the pairs' hidden states, no gradient steps
 
 
@@ -51,7 +52,8 @@ class TrainConfig:
     # objective (see cpwb.engine.loss)
     objective: Objective = setting("cp", "cp; or an ablation or baseline on the same pairs: reference (the released "
                                          "code's loss), positives_only, negatives_only, dpo, simpo; or a "
-                                         "training-free peer: profs, steering (docs/peers.md)")
+                                         "training-free peer: profs, steering; or decoding-time dexperts "
+                                         "(docs/peers.md)")
     negatives: Literal["directional", "symmetric"] = same_as(CPLossConfig, "negatives")
     tau: float = same_as(CPLossConfig, "tau")
     alpha: float = same_as(CPLossConfig, "alpha")
@@ -84,6 +86,8 @@ class TrainConfig:
                                           "so its time is the full fitting cost")
     steering_strength: float = setting(1.0, "steering: multiples of the mean toxic-minus-neutral hidden state "
                                             "subtracted at every position (0: the base model)", check=">=0")
+    dexperts_alpha: float = setting(2.0, "DExperts: logits = base + alpha x (expert - anti-expert); 0: the base "
+                                         "model", check=">=0")
     # LoRA
     lora_r: int = setting(16, "LoRA rank", check=">=1")
     lora_alpha: int = setting(32, "LoRA alpha: the adapter's update is scaled by alpha / r (32 / 16 = 2 by "

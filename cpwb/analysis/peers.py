@@ -1,0 +1,155 @@
+"""CP against the methods a researcher would pick instead, on the same pairs, held-out data and quick evaluation.
+
+Reads sweep results (cpwb.app.sweep's results.csv): the ablation grid gives CP, DPO and SimPO at their default
+settings (3 seeds); the peers sweep (configs/peers.yaml) gives the training-free methods as curves over their
+strength knobs, and DExperts over its alpha. Each row of `method_points` is one completed point; `comparison_table`
+gives per method and setting the mean ± std over seeds, or, for one seed, the paired bootstrap 95% interval over
+prompts that the point recorded; `comparison_figure` draws toxicity change against perplexity change with each
+knob's curve and the Pareto front; `data_figure` the sample-efficiency and label-noise sweeps.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from cpwb.analysis.ablations import pareto_front
+
+# the ablation grid's variants that are the trained methods at their defaults
+TRAINED = {"base": "CP", "objective=dpo": "DPO", "objective=simpo": "SimPO"}
+PEER_NAMES = {"profs": "ProFS", "steering": "steering", "dexperts": "DExperts"}
+# each training-free method's strength knob (its curve) and the settings that make another curve
+KNOBS = {"profs": ("edit_rank", ("edit_layers",)), "steering": ("steering_strength", ("steering_layer",)),
+         "dexperts": ("dexperts_alpha", ())}
+COLUMNS = ("method", "setting", "knob", "knob_value", "seed", "toxicity_change", "toxicity_change_low",
+           "toxicity_change_high", "ppl_change", "ppl_change_low", "ppl_change_high", "similarity", "train_seconds")
+
+
+def _blocks(value) -> str:
+    """A block list as written in results.csv ("[20, 21, ...]") shown as a range when consecutive."""
+    import json
+
+    blocks = json.loads(value) if isinstance(value, str) else list(value)
+    consecutive = blocks == list(range(blocks[0], blocks[-1] + 1)) if blocks else False
+    return f"{blocks[0]}-{blocks[-1]}" if consecutive and len(blocks) > 2 else ",".join(map(str, blocks))
+
+
+def _setting(row: pd.Series, names: tuple[str, ...]) -> str:
+    """The non-default values of `names` in a results row ("default" when all are defaults)."""
+    parts = []
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, str) and value.startswith("[") and value != "[]":
+            parts.append(f"blocks {_blocks(value)}")
+        elif value is not None and not isinstance(value, str) and pd.notna(value):
+            parts.append(f"block {int(value)}")
+    return ", ".join(parts) or "default"
+
+
+def method_points(ablations: pd.DataFrame | None, peers: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per completed point of the compared methods (COLUMNS; interval columns NaN where not recorded)."""
+    rows: list[dict] = []
+    if ablations is not None:
+        done = ablations[(ablations.status == "completed") & ablations.variant.isin(TRAINED)]
+        for _, row in done.iterrows():
+            rows.append({**row.to_dict(), "method": TRAINED[row.variant], "setting": "default", "knob": "",
+                         "knob_value": np.nan})
+    if peers is not None:
+        for _, row in peers[peers.status == "completed"].iterrows():
+            knob, others = KNOBS.get(row.objective, ("", ()))
+            rows.append({**row.to_dict(), "method": PEER_NAMES.get(row.objective, row.objective),
+                         "setting": _setting(row, others), "knob": knob,
+                         "knob_value": float(row[knob]) if knob in row else np.nan})
+    frame = pd.DataFrame(rows)
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = np.nan
+    return frame[list(COLUMNS)]
+
+
+def _cell(values: pd.Series, low: pd.Series, high: pd.Series, digits: int = 0) -> str:
+    """`mean ± std` over seeds in %, or with one seed its recorded interval."""
+    v, f = 100 * values.astype(float), f".{digits}f"
+    if len(v) > 1:
+        return f"{v.mean():+{f}} ± {v.std(ddof=1):{f}}%"
+    if pd.notna(low.iloc[0]) and pd.notna(high.iloc[0]):
+        return f"{v.iloc[0]:+{f}}% [{100 * low.iloc[0]:+{f}}, {100 * high.iloc[0]:+{f}}]"
+    return f"{v.iloc[0]:+{f}}%"
+
+
+def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None = None) -> pd.DataFrame:
+    """Per method, setting and knob value: seeds, toxicity and perplexity change (mean ± std over seeds, or the
+    paired 95% interval of a single seed), similarity, fitting seconds and, when measured, generation seconds per
+    1,000 tokens (`generation`: method -> seconds)."""
+    rows = []
+    for (method, setting, value), part in points.groupby(["method", "setting", "knob_value"], dropna=False,
+                                                           sort=False):
+        knob = part.knob.iloc[0]
+        rows.append({
+            "method": method, "setting": setting if not knob else f"{setting}; {knob}={value:g}",
+            "seeds": len(part),
+            "toxicity change": _cell(part.toxicity_change, part.toxicity_change_low, part.toxicity_change_high),
+            "perplexity change": _cell(part.ppl_change, part.ppl_change_low, part.ppl_change_high, 1),
+            "similarity": f"{part.similarity.astype(float).mean():.3f}",
+            "fit seconds": f"{part.train_seconds.astype(float).mean():.0f}",
+            **({"generation s / 1k tokens": f"{generation[method]:.1f}" if method in generation else "—"}
+               if generation else {}),
+            "_tox": part.toxicity_change.astype(float).mean()})
+    table = pd.DataFrame(rows)
+    return table.drop(columns="_tox") if len(table) else table
+
+
+def comparison_figure(points: pd.DataFrame) -> go.Figure:
+    """Toxicity change against WikiText-2 perplexity change: each method's settings (mean over seeds, std bars),
+    knob curves joined in knob order, the Pareto front over all, the base model at the origin."""
+    means = (points.groupby(["method", "setting", "knob", "knob_value"], dropna=False, sort=False)
+             .agg(tox=("toxicity_change", "mean"), tox_sd=("toxicity_change", "std"), ppl=("ppl_change", "mean"),
+                  ppl_sd=("ppl_change", "std"), seeds=("seed", "size")).reset_index())
+    fig = go.Figure()
+    for (method, setting), part in means.groupby(["method", "setting"], sort=False):
+        part = part.sort_values("knob_value")
+        curve = part.knob.iloc[0] and len(part) > 1
+        label = method if setting == "default" else f"{method} ({setting})"
+        fig.add_trace(go.Scatter(
+            x=100 * part.ppl, y=100 * part.tox, mode="lines+markers" if curve else "markers", name=label,
+            error_x=dict(type="data", array=100 * part.ppl_sd.fillna(0)),
+            error_y=dict(type="data", array=100 * part.tox_sd.fillna(0)), marker=dict(size=9),
+            text=[f"{label}<br>{k}={v:g}" if k else label for k, v in zip(part.knob, part.knob_value)],
+            hovertemplate="%{text}<br>perplexity %{x:+.1f}%<br>toxicity %{y:+.0f}%<extra></extra>"))
+    front = means[pareto_front(means.ppl.to_numpy(), means.tox.to_numpy())].sort_values("ppl")
+    fig.add_trace(go.Scatter(x=100 * front.ppl, y=100 * front.tox, mode="lines", name="Pareto front",
+                             line=dict(color="black", dash="dot"), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[0], y=[0], mode="markers", name="base model",
+                             marker=dict(symbol="star", size=15, color="black")))
+    fig.update_layout(title="CP and its peers on the same pairs: toxicity vs fluency cost (lower-left is better)",
+                      xaxis_title="WikiText-2 perplexity change (%)", yaxis_title="greedy toxicity change (%)",
+                      height=560)
+    return fig
+
+
+def data_figure(frame: pd.DataFrame, setting: str) -> go.Figure:
+    """Toxicity and perplexity change per method over a data setting (`train_pairs_limit`: 0 shown as "all";
+    `swap_fraction`), mean ± std over seeds: the sample-efficiency and label-noise sweeps (configs/peers_*.yaml)."""
+    from plotly.subplots import make_subplots
+
+    done = frame[(frame.status == "completed") & frame[setting].notna()].copy()
+    done["_x"] = done[setting].astype(float)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("greedy toxicity change (%)",
+                                                        "WikiText-2 perplexity change (%)"))
+    order = sorted(done._x.unique(), key=lambda v: (v == 0, v)) if setting == "train_pairs_limit" else sorted(
+        done._x.unique())
+    labels = {v: ("all" if setting == "train_pairs_limit" and v == 0 else f"{v:g}") for v in order}
+    for method, part in done.groupby("objective", sort=False):
+        stats = part.groupby("_x").agg(tox=("toxicity_change", "mean"), tox_sd=("toxicity_change", "std"),
+                                       ppl=("ppl_change", "mean"), ppl_sd=("ppl_change", "std")).reindex(order)
+        name = PEER_NAMES.get(method, TRAINED.get(f"objective={method}", method.upper() if method != "cp" else "CP"))
+        for col, (y, sd) in enumerate((("tox", "tox_sd"), ("ppl", "ppl_sd")), start=1):
+            fig.add_trace(go.Scatter(x=[labels[v] for v in order], y=100 * stats[y],
+                                     error_y=dict(type="data", array=100 * stats[sd].fillna(0)),
+                                     mode="lines+markers", name=name, legendgroup=name, showlegend=col == 1),
+                          row=1, col=col)
+    title = {"train_pairs_limit": "Sample efficiency: training pairs", "swap_fraction": "Label noise: share of "
+             "pairs with their sides swapped"}.get(setting, setting)
+    fig.update_layout(title=f"{title} (mean ± std over seeds)", height=450)
+    fig.update_xaxes(title_text=setting, type="category")
+    return fig
