@@ -265,3 +265,48 @@ def test_data_figure_orders_pair_counts_with_all_last_and_averages_seeds():
     cp = [t for t in fig.data if t.name == "CP" and t.showlegend][0]
     assert list(cp.x) == ["50", "200", "all"]
     assert cp.y[0] == pytest.approx(100 * (-0.15 + 0.005))
+
+
+# ------------------------------------------------------------------------------------------------ the RL baseline
+class _FixedScorer:
+    name = "fixed"
+
+    def score(self, texts, progress=False):
+        return [0.1 * (len(t) % 7) for t in texts]
+
+
+def test_the_rl_reward_is_the_negated_scorer_output():
+    from cpwb.steps.training.rl import toxicity_reward
+
+    reward = toxicity_reward(_FixedScorer())
+    texts = ["a", "abc", "abcdefgh", ""]
+    assert reward(completions=texts, prompts=["p"] * 4) == [-s for s in _FixedScorer().score(texts)]
+    chat = [[{"role": "assistant", "content": t}] for t in texts]  # conversational completions: their text
+    assert reward(completions=chat) == reward(completions=texts)
+
+
+def test_rl_prompts_are_never_evaluation_prompts():
+    from cpwb.data.corpora import load_rtp
+    from cpwb.steps.training.rl import rl_prompts
+
+    prompts = rl_prompts()
+    evaluated = {p.text for p in load_rtp("challenging")} | {p.text for p in load_rtp("nontoxic", limit=500)}
+    assert len(prompts) == 597 and not set(prompts) & evaluated
+
+
+def test_a_reward_scorer_that_does_not_load_fails_naming_the_setting_and_writes_nothing(tiny_setup,  # noqa: F811
+                                                                                        tmp_path):
+    with pytest.raises(ConfigError) as err:
+        train(peer_config(tiny_setup, tmp_path / "run", objective="grpo", rl_scorer="hf:/no/such/folder"))
+    assert err.value.field == "rl_scorer" and not (tmp_path / "run").exists()
+
+
+def test_grpo_trains_a_lora_policy_through_trl_and_saves_it_as_the_runs_adapter(tiny_setup, tmp_path):  # noqa: F811
+    result = train(peer_config(tiny_setup, tmp_path / "rl", objective="grpo", steps=2, anchors_per_step=2,
+                               rl_generations=2, rl_max_new_tokens=4, rl_prompts=8, checkpoint_every=1))
+    assert (result.adapter_dir / "adapter_config.json").is_file() and len(result.metrics) == 2
+    assert all("reward" in m for m in result.metrics)
+    loaded, tokenizer = load_adapter(result.adapter_dir, model=str(tiny_setup / "model"))
+    with base_of(loaded):
+        base = _logits(loaded, tokenizer)
+    assert not torch.allclose(_logits(loaded, tokenizer), base)  # the policy moved

@@ -138,6 +138,24 @@ def test_tuning_studies_from_notebook_05_add_their_fronts_best_trials_and_seed_r
     assert {t.name for t in report.figures["tuning_fronts"].data} >= {"cp front", "dpo front"}
 
 
+def test_peers_sweeps_from_notebook_05_add_the_comparison_table_and_figure(run_dir):
+    from cpwb.analysis.report import read_peers
+
+    assert read_peers(run_dir) is None  # no peers' sweep copied: no section
+    common = {"status": "completed", "varied": "", "ppl_change": 0.01, "similarity": 0.27, "train_seconds": 9.0}
+    (run_dir / "ablations").mkdir()
+    pd.DataFrame([{**common, "point": f"base__seed={s}", "variant": "base", "objective": "cp", "seed": s,
+                   "toxicity_change": -0.5} for s in (0, 1)]).to_csv(run_dir / "ablations" / "results.csv",
+                                                                   index=False)
+    (run_dir / "peers" / "peers").mkdir(parents=True)
+    pd.DataFrame([{**common, "point": f"r{r}", "variant": f"r{r}", "objective": "profs", "seed": 0, "edit_rank": r,
+                   "edit_layers": "[]", "toxicity_change": -0.1 * r} for r in (1, 2)]).to_csv(
+        run_dir / "peers" / "peers" / "results.csv", index=False)
+    report = build_report(_folders(run_dir), peers=read_peers(run_dir))
+    assert report.peers.method.tolist() == ["CP", "ProFS", "ProFS"] and report.peers.seeds.tolist() == [2, 1, 1]
+    assert "CP and its peers" in render_html(report) and "peers_comparison" in report.figures
+
+
 def test_a_second_scorer_rescoring_the_continuations_shows_its_agreement_and_leaves_the_table(run_dir):
     from cpwb.engine.scoring import load_toxicity_scorer
     from cpwb.steps.evaluation.rescore import rescore

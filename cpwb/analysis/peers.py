@@ -17,7 +17,7 @@ from cpwb.analysis.ablations import pareto_front
 
 # the ablation grid's variants that are the trained methods at their defaults
 TRAINED = {"base": "CP", "objective=dpo": "DPO", "objective=simpo": "SimPO"}
-PEER_NAMES = {"profs": "ProFS", "steering": "steering", "dexperts": "DExperts"}
+PEER_NAMES = {"profs": "ProFS", "steering": "steering", "dexperts": "DExperts", "grpo": "GRPO (RL)"}
 # each training-free method's strength knob (its curve) and the settings that make another curve
 KNOBS = {"profs": ("edit_rank", ("edit_layers",)), "steering": ("steering_strength", ("steering_layer",)),
          "dexperts": ("dexperts_alpha", ())}

@@ -75,6 +75,7 @@ class Report:
     tuning: pd.DataFrame = field(default_factory=pd.DataFrame)  # best trial per method and perplexity budget
     confirmations: pd.DataFrame = field(default_factory=pd.DataFrame)  # their seed re-runs
     agreement: pd.DataFrame = field(default_factory=pd.DataFrame)  # second scorers vs the evaluation's own
+    peers: pd.DataFrame = field(default_factory=pd.DataFrame)  # CP against its peers (cpwb.analysis.peers)
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:
@@ -119,6 +120,20 @@ def read_tuning(run_dir: str | Path) -> tuple[pd.DataFrame | None, pd.DataFrame 
     confirm = Path(run_dir) / "tuning" / "confirm.csv"
     return (read_studies(paths) if paths else None,
             pd.read_csv(confirm) if confirm.is_file() else None)
+
+
+def read_peers(run_dir: str | Path) -> pd.DataFrame | None:
+    """The compared methods' points (cpwb.analysis.peers.method_points) from notebook 05's copies of the ablation
+    grid and the peers' sweeps (`peers/*/results.csv`), or None when there are no peers' sweeps."""
+    from cpwb.analysis.ablations import read_results
+    from cpwb.analysis.peers import method_points
+
+    paths = sorted(Path(run_dir).glob("peers/*/results.csv"))
+    if not paths:
+        return None
+    grid = Path(run_dir) / "ablations" / "results.csv"
+    return method_points(read_results(grid) if grid.is_file() else None,
+                         pd.concat([read_results(p) for p in paths], ignore_index=True))
 
 
 THRESHOLD = 0.5  # the score at which a text counts as toxic (toxic_rate, TP)
@@ -314,9 +329,11 @@ def _provenance_note(name: str, frame: pd.DataFrame) -> str:
 
 def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | None = None,
                  n_examples: int = 8, tuning: pd.DataFrame | None = None,
-                 confirmations: pd.DataFrame | None = None) -> Report:
-    """The report of evaluation folders (label -> folder, e.g. {"base": ..., "CP": ...}), optional baselines and
-    optional tuning studies (`read_tuning`): their fronts, best trial per budget and seed re-runs."""
+                 confirmations: pd.DataFrame | None = None, peers: pd.DataFrame | None = None) -> Report:
+    """The report of evaluation folders (label -> folder, e.g. {"base": ..., "CP": ...}), optional baselines,
+    optional tuning studies (`read_tuning`): their fronts, best trial per budget and seed re-runs, and optional
+    peers' points (`read_peers`): the comparison table and figure."""
+    from cpwb.analysis import peers as compared
     from cpwb.analysis import tuning as tuned
 
     evaluations = {name: read_metrics(folder) for name, folder in folders.items()}
@@ -337,7 +354,12 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
         figures["tuning_fronts"] = tuned.fronts_figure(tuning)
         best = tuned.best_under_budget(tuning)
     confirmed = tuned.confirmation_table(confirmations) if confirmations is not None else pd.DataFrame()
-    return Report(table, figures, examples, notes, settings, differences, best, confirmed, scorer_agreement(folders))
+    peer_table = pd.DataFrame()
+    if peers is not None and len(peers):
+        figures["peers_comparison"] = compared.comparison_figure(peers)
+        peer_table = compared.comparison_table(peers)
+    return Report(table, figures, examples, notes, settings, differences, best, confirmed, scorer_agreement(folders),
+                  peer_table)
 
 
 def _cell(value) -> str:
@@ -397,6 +419,11 @@ def render_html(report: Report, title: str = "cpwb evaluation report",
         if len(report.confirmations):
             parts += ["<h3>Seed re-runs of the chosen trials (mean ± std)</h3>",
                       _html_table(report.confirmations, "metrics")]
+    if len(report.peers):
+        parts += ["<h2>CP and its peers</h2>",
+                  '<p class="note">Every method on the same pairs and quick evaluation (notebook 05, docs/peers.md): '
+                  "change against the base model, mean ± std over seeds, or with one seed its paired 95% interval "
+                  "over prompts; fit seconds of the run itself.</p>", _html_table(report.peers, "metrics")]
     parts += ["<h2>Figures</h2>", *figures]
     if len(report.examples):
         parts += ["<h2>Example continuations (greedy, RTP challenging)</h2>",

@@ -32,6 +32,7 @@ CHECKS: dict[str, tuple[Check, str]] = {
     ">0": (lambda v: _real(v) and v > 0, "> 0"),
     ">=0": (lambda v: _real(v) and v >= 0, ">= 0"),
     ">=1": (lambda v: _real(v) and v >= 1, ">= 1"),
+    ">=2": (lambda v: _real(v) and v >= 2, ">= 2"),
     "[0,1)": (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
     "(0,1]": (lambda v: _real(v) and 0 < v <= 1, "in (0, 1]"),
     "[0,1]": (lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),

@@ -76,6 +76,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     process would draw, split over the processes; gradients are reduced by DDP or FSDP, metrics over processes, and
     only the main process writes files.
     """
+    if config.objective == "grpo":  # TRL's GRPO trainer with the scorer as reward
+        from cpwb.steps.training.rl import fit_grpo
+
+        return fit_grpo(config, resume=resume)
     if config.objective == "dexperts":  # two adapters trained with this loop, combined at decoding time
         from cpwb.steps.training.dexperts import fit_dexperts
 
