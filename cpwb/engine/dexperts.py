@@ -167,19 +167,17 @@ def is_dexperts(folder) -> bool:
 
 
 def save_dexperts(folder, expert_dir, anti_dir, alpha: float, settings: dict | None = None) -> None:
-    """Copy the two adapters into `folder` as expert/ and anti/, then write dexperts.json (last: marks it done)."""
+    """`folder` as expert/ and anti/ (copies of the two adapters) and dexperts.json (alpha), written as a whole."""
+    import json
     import shutil
-    from pathlib import Path
 
-    from cpwb.core.files import atomic_write_json
+    from cpwb.core.files import atomic_path
 
-    folder = Path(folder)
-    for name, source in (("expert", expert_dir), ("anti", anti_dir)):
-        target = folder / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)
-    atomic_write_json(folder / DEXPERTS_FILE, {"method": "dexperts", "alpha": float(alpha), **(settings or {})})
+    with atomic_path(folder) as tmp:
+        for name, source in (("expert", expert_dir), ("anti", anti_dir)):
+            shutil.copytree(source, tmp / name)
+        (tmp / DEXPERTS_FILE).write_text(json.dumps({"method": "dexperts", "alpha": float(alpha), **(settings or {})},
+                                                    indent=2), encoding="utf-8")
 
 
 def dexperts_files(folder) -> list:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from cpwb.core.errors import ConfigError, InputError
-from cpwb.core.files import atomic_write_json
+from cpwb.core.files import atomic_path
 from cpwb.engine.nll import decoder_layers
 
 INTERVENTION_FILE = "intervention.json"
@@ -140,17 +140,16 @@ class Intervention:
 
     # --------------------------------------------------------------------------------------------- saving
     def save(self, folder: str | Path) -> Path:
-        """`intervention.json` (method, layers, strength, settings) and `intervention.safetensors` (directions)."""
+        """`intervention.json` (method, layers, strength, settings) and `intervention.safetensors` (directions),
+        written as a whole folder."""
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{WEIGHTS_FILE}.tmp"
-        save_file({f"layer.{k}": v.contiguous() for k, v in self.tensors.items()}, str(tmp))
-        tmp.replace(folder / WEIGHTS_FILE)
         meta = {k: v for k, v in asdict(self).items() if k not in ("tensors", "_undo")}
-        atomic_write_json(folder / INTERVENTION_FILE, meta)  # last: what marks the folder complete
-        return folder
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            save_file({f"layer.{k}": v.contiguous() for k, v in self.tensors.items()}, str(tmp / WEIGHTS_FILE))
+            (tmp / INTERVENTION_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return Path(folder)
 
 
 def _shifted(output: Any, offset: torch.Tensor) -> Any:
