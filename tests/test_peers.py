@@ -310,3 +310,12 @@ def test_grpo_trains_a_lora_policy_through_trl_and_saves_it_as_the_runs_adapter(
     with base_of(loaded):
         base = _logits(loaded, tokenizer)
     assert not torch.allclose(_logits(loaded, tokenizer), base)  # the policy moved
+
+
+def test_the_adapter_setting_accepts_what_evaluation_loads():
+    from cpwb.core.settings import ADAPTER_MARKERS
+    from cpwb.engine.adapters import ADAPTER_CONFIG
+    from cpwb.engine.dexperts import DEXPERTS_FILE
+    from cpwb.engine.interventions import INTERVENTION_FILE
+
+    assert ADAPTER_MARKERS == (ADAPTER_CONFIG, INTERVENTION_FILE, DEXPERTS_FILE)

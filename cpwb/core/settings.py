@@ -27,6 +27,9 @@ def _real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# What marks a folder as something `cpwb evaluate --adapter` loads: a peft adapter, a ProFS/steering intervention
+# (cpwb.engine.interventions), a DExperts pair (cpwb.engine.dexperts).
+ADAPTER_MARKERS = ("adapter_config.json", "intervention.json", "dexperts.json")
 # name -> (test, how the range reads in help and messages). A value of None is never checked (optional settings).
 CHECKS: dict[str, tuple[Check, str]] = {
     ">0": (lambda v: _real(v) and v > 0, "> 0"),
@@ -41,10 +44,12 @@ CHECKS: dict[str, tuple[Check, str]] = {
     "device": (lambda v: v == "auto" or v.split(":")[0] in ("cpu", "cuda", "mps"), "auto, cpu, cuda[:N] or mps"),
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "null, float32, bfloat16 or float16"),
     "file": (lambda v: Path(v).is_file(), "an existing file"),
-    "adapter": (lambda v: (Path(v) / "adapter_config.json").is_file(), "an adapter folder (with adapter_config.json)"),
+    "adapter": (lambda v: any((Path(v) / marker).is_file() for marker in ADAPTER_MARKERS),
+                "an adapter folder (a LoRA adapter, an intervention or a DExperts pair)"),
     "nonempty": (lambda v: len(v) > 0, "not empty"),
 }
-MESSAGES = {"file": "file not found: {value}", "adapter": "not an adapter folder (no adapter_config.json): {value}",
+MESSAGES = {"file": "file not found: {value}",
+            "adapter": "not an adapter folder (no adapter_config.json, intervention.json or dexperts.json): {value}",
             "nonempty": "must name at least one"}
 
 
