@@ -319,3 +319,16 @@ def test_the_adapter_setting_accepts_what_evaluation_loads():
     from cpwb.engine.interventions import INTERVENTION_FILE
 
     assert ADAPTER_MARKERS == (ADAPTER_CONFIG, INTERVENTION_FILE, DEXPERTS_FILE)
+
+
+def test_length_control_keeps_a_length_confound_out_of_the_profs_directions():
+    torch.manual_seed(2)
+    n, d = 200, 16
+    positive = torch.randn(n, d)
+    lengths = torch.randint(-5, 6, (n,)).double()
+    toxic = torch.rand(n)  # how toxic each pair's negative is: a smaller planted direction (dim 3)
+    negative = positive - 2.0 * torch.outer(lengths.float(), torch.eye(d)[7]) + torch.outer(toxic, torch.eye(d)[3])
+    plain = profs_directions(positive, negative, rank=1, centering=False)
+    controlled = profs_directions(positive, negative, rank=1, centering=False, length_difference=lengths)
+    assert plain[:, 0].abs().argmax() == 7  # without the control the length direction comes first
+    assert controlled[:, 0].abs().argmax() == 3 and controlled[7, 0].abs() < 1e-6

@@ -77,10 +77,19 @@ def text_embeddings(model, tokenizer, texts: Sequence[str], layers: Sequence[int
     return {layer: torch.from_numpy(states[layer + 1]) for layer in layers}
 
 
-def profs_directions(positive: torch.Tensor, negative: torch.Tensor, rank: int,
-                     centering: bool = True) -> torch.Tensor:
-    """ProFS's toxic subspace of one layer: [D, rank] orthonormal columns from X+ and X- [N, D]."""
+def profs_directions(positive: torch.Tensor, negative: torch.Tensor, rank: int, centering: bool = True,
+                     length_difference: torch.Tensor | None = None) -> torch.Tensor:
+    """ProFS's toxic subspace of one layer: [D, rank] orthonormal columns from X+ and X- [N, D].
+
+    `length_difference` [N] (cpwb's control, not in the paper): what the pairs' token-count difference explains
+    linearly (through the origin: pairs of equal length carry no length effect) is regressed out of the preference
+    matrix first, so that a length confound cannot become a direction.
+    """
     matrix = (positive - negative).double() / 2
+    if length_difference is not None:
+        x = length_difference.double()
+        if float(x @ x) > 0:
+            matrix = matrix - torch.outer(x, x @ matrix / (x @ x))
     if centering:
         mu = torch.linalg.svd(positive.double(), full_matrices=False).Vh[0]
         matrix = matrix - torch.outer(matrix @ mu, mu)

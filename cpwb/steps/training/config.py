@@ -80,6 +80,9 @@ class TrainConfig:
                                          "medium's blocks 10-23 of 24)")
     edit_centering: bool = setting(True, "ProFS: project the corpus-wide direction (top singular vector of the "
                                          "non-toxic embeddings) out of the preference matrix first")
+    edit_length_control: bool = setting(False, "ProFS: regress the pairs' token-count difference out of the "
+                                               "preference matrix first (cpwb's control for the length confound of "
+                                               "ParaDetox pairs, docs/peers.md; not in the paper)")
     steering_layer: int | None = setting(None, "steering: the block whose output is steered; null: the middle one")
     embedding_cache: bool = setting(True, "ProFS, steering: reuse the pairs' hidden states across runs of the same "
                                           "model (cached under $CPWB_CACHE/embeddings); false: computed every fit, "

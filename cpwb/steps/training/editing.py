@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from cpwb.core.config import require_same_settings, to_dict, yaml_text
 from cpwb.core.errors import ConfigError
 from cpwb.core.files import atomic_write_json, atomic_write_text
@@ -81,9 +83,15 @@ def fit_intervention(config: TrainConfig, resume: bool = False):
                                           cache_dir=cache, progress=config.progress)
                           for texts in ([r.positives[0].text for r in pairs], [r.negatives[0].text for r in pairs]))
     if config.objective == "profs":
-        tensors = {layer: profs_directions(positive[layer], negative[layer], config.edit_rank, config.edit_centering)
-                   for layer in layers}
-        settings = {"rank": config.edit_rank, "centering": config.edit_centering}
+        lengths = None
+        if config.edit_length_control:
+            size = [(len(tokenizer(r.positives[0].text)["input_ids"]), len(tokenizer(r.negatives[0].text)["input_ids"]))
+                    for r in pairs]
+            lengths = torch.tensor([p - n for p, n in size], dtype=torch.float64)
+        tensors = {layer: profs_directions(positive[layer], negative[layer], config.edit_rank, config.edit_centering,
+                                           lengths) for layer in layers}
+        settings = {"rank": config.edit_rank, "centering": config.edit_centering,
+                    "length_control": config.edit_length_control}
     else:
         tensors = {layer: steering_vectors(positive[layer], negative[layer]) for layer in layers}
         settings = {}
