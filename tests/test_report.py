@@ -8,16 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from cpwb.analysis.report import (
-    BASELINE_SUFFIX,
-    METRICS,
-    build_report,
-    read_baselines,
-    read_tuning,
-    render_html,
-    tradeoff_figure,
-    write_report,
-)
+from cpwb.analysis.report import BASELINE_SUFFIX, METRICS, build_report, render_html, tradeoff_figure, write_report
+from cpwb.analysis.report_inputs import read_baselines, read_tuning
 from cpwb.core.files import atomic_write_json, atomic_write_text
 from cpwb.steps.evaluation.records import write_metrics
 
@@ -139,7 +131,7 @@ def test_tuning_studies_from_notebook_05_add_their_fronts_best_trials_and_seed_r
 
 
 def test_peers_sweeps_from_notebook_05_add_the_comparison_table_and_figure(run_dir):
-    from cpwb.analysis.report import read_peers
+    from cpwb.analysis.report_inputs import read_peers
 
     assert read_peers(run_dir) is None  # no peers' sweep copied: no section
     common = {"status": "completed", "varied": "", "ppl_change": 0.01, "similarity": 0.27, "train_seconds": 9.0}

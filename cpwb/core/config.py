@@ -67,6 +67,14 @@ def _coerce(value: Any, tp: Any, field: str, source: str | None) -> Any:
     return value
 
 
+def _suggestion(unknown: list[str], fields: Any) -> str:
+    """The valid settings closest to the unknown ones (difflib), or, with none close, where the list is."""
+    import difflib
+
+    close = sorted({m for name in unknown for m in difflib.get_close_matches(name, list(fields), n=3, cutoff=0.6)})
+    return f"did you mean {close}? (--help lists every setting)" if close else "--help lists every setting"
+
+
 def from_dict(cls: type[T], data: dict[str, Any], source: str | Path | None = None) -> T:
     """Build dataclass `cls` from `data`, naming the offending field (and file) on any problem."""
     if not isinstance(data, dict):
@@ -75,7 +83,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str | Path | None = No
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; valid: {sorted(fields)}", source, field=unknown[0])
+        raise ConfigError(f"unknown setting(s) {unknown}; {_suggestion(unknown, fields)}", source, field=unknown[0])
     values = {name: _coerce(value, hints[name], name, str(source) if source else None) for name, value in data.items()}
     try:
         return cls(**values)

@@ -1,0 +1,67 @@
+"""What notebook 05 leaves in a run folder for the evaluation report: the ablation grid's method variants as
+baseline metric rows, the tuning studies and their seed re-runs, and the peers' comparison points."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cpwb.analysis.report import BASELINE_SUFFIX
+
+# notebook 05's results.csv column -> the (protocol, split, metric) of the same quantity here
+BASELINE_COLUMNS = {"greedy_toxicity": ("greedy", "challenging", "mean_toxicity"),
+                    "wikitext2_ppl": ("wikitext2", "test", "perplexity"),
+                    "phi_gap": ("phi_gap", "heldout", "mean_gap"),
+                    "train_seconds": ("train", "", "train_seconds")}
+
+def read_baselines(run_dir: str | Path) -> pd.DataFrame | None:
+    """Notebook 05's `ablations/results.csv` as long metric rows (point, protocol, split, metric, value), or None.
+
+    A sweep's results (with `variant` and `varied` columns) give one column per method variant (those varying only
+    the objective, the negatives' form or the KL weight; the grid's base is CP), the mean over its completed seeds;
+    other tables give one column per completed point.
+    """
+    path = Path(run_dir) / "ablations" / "results.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    frame = frame[frame.get("status", pd.Series("completed", index=frame.index)) == "completed"]
+    if {"variant", "varied"} <= set(frame.columns):
+        from cpwb.analysis.ablations import METHOD_SETTINGS
+
+        methods = frame.varied.fillna("").map(lambda v: set(filter(None, str(v).split(","))) <= METHOD_SETTINGS)
+        chosen = frame[methods]
+        seeds = chosen.groupby("variant", sort=False).size()
+        frame = chosen.groupby("variant", sort=False)[[c for c in BASELINE_COLUMNS if c in chosen]].mean()
+        frame = frame.reset_index().rename(columns={"variant": "point"})
+        frame["point"] = [f"{v}, {seeds[v]} seed{'s' if seeds[v] > 1 else ''}" for v in frame.point]
+    rows = [{"point": f"{row['point']}{BASELINE_SUFFIX}", "protocol": protocol, "split": split, "metric": metric,
+             "value": float(row[column])}
+            for row in frame.to_dict("records") for column, (protocol, split, metric) in BASELINE_COLUMNS.items()
+            if column in row and pd.notna(row[column])]
+    return pd.DataFrame(rows, columns=["point", "protocol", "split", "metric", "value"])
+
+
+def read_tuning(run_dir: str | Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Notebook 05's copies of the tuning studies (`tuning/*/results.csv`) and of their seed re-runs
+    (`tuning/confirm.csv`), each None when absent."""
+    from cpwb.analysis.tuning import read_studies
+
+    paths = sorted(Path(run_dir).glob("tuning/*/results.csv"))
+    confirm = Path(run_dir) / "tuning" / "confirm.csv"
+    return (read_studies(paths) if paths else None,
+            pd.read_csv(confirm) if confirm.is_file() else None)
+
+
+def read_peers(run_dir: str | Path) -> pd.DataFrame | None:
+    """The compared methods' points (cpwb.analysis.peers.method_points) from notebook 05's copies of the ablation
+    grid and the peers' sweeps (`peers/*/results.csv`), or None when there are no peers' sweeps."""
+    from cpwb.analysis.ablations import read_results
+    from cpwb.analysis.peers import method_points
+
+    paths = sorted(Path(run_dir).glob("peers/*/results.csv"))
+    if not paths:
+        return None
+    grid = Path(run_dir) / "ablations" / "results.csv"
+    return method_points(read_results(grid) if grid.is_file() else None,
+                         pd.concat([read_results(p) for p in paths], ignore_index=True))
