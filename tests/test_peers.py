@@ -2,6 +2,8 @@
 reversible, saved and loaded as a run's adapter, and refuse impossible settings before writing anything."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -27,8 +29,8 @@ from tests.test_train import tiny_config, tiny_setup  # noqa: F401  (the module 
 
 
 def peer_config(root, out, **overrides) -> TrainConfig:
-    """The tiny run of tests/test_train.py, fitted without the shared embedding cache."""
-    return tiny_config(root, out, embedding_cache=False, **overrides)
+    """The tiny run of tests/test_train.py, fitted without the shared embedding and expert caches."""
+    return tiny_config(root, out, **{"embedding_cache": False, "expert_cache": False, **overrides})
 
 
 def _logits(model, tokenizer, texts=("you are a fool", "the weather is nice")):
@@ -196,6 +198,27 @@ def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_
 def dexperts_run(tiny_setup, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("dexperts") / "run"
     return train(peer_config(tiny_setup, out, objective="dexperts", steps=2, dexperts_alpha=1.5, lr=5e-2))
+
+
+def test_a_dexperts_alpha_curve_trains_its_experts_once_and_keeps_their_training_time(tiny_setup, tmp_path,  # noqa
+                                                                                      monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("CPWB_CACHE", str(tmp_path / "cache"))
+    run = {name: train(peer_config(tiny_setup, tmp_path / name, objective="dexperts", steps=2, checkpoint_every=1,
+                                   expert_cache=True, **extra))
+           for name, extra in (("a", {"dexperts_alpha": 1.0}), ("b", {"dexperts_alpha": 3.0}),
+                               ("c", {"dexperts_alpha": 3.0, "lr": 2e-3}))}
+    steps = {name: sorted(p.name for p in (tmp_path / name / "expert" / "checkpoints").iterdir()) for name in run}
+    assert steps["a"] == steps["c"] == ["step-000001", "step-000002"]  # trained
+    assert steps["b"] == ["step-000002"]  # resumed from the stored last step: no training of its own
+    assert [m["step_seconds"] for m in run["b"].metrics] == [m["step_seconds"] for m in run["a"].metrics]
+    for side in ("expert", "anti"):
+        weights = {name: load_file(run[name].adapter_dir / side / "adapter_model.safetensors") for name in "ab"}
+        assert weights["a"].keys() == weights["b"].keys()
+        assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert json.loads((run["b"].adapter_dir / "dexperts.json").read_text())["alpha"] == 3.0
+    assert len(list((tmp_path / "cache" / "dexperts").iterdir())) == 4  # expert and anti of two settings
 
 
 def _nll_logits(model, tokenizer):
