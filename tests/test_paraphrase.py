@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 import yaml
 
 from cpwb.core.config import from_dict, load_yaml_config
 from cpwb.core.errors import AssetError, ConfigError
 from cpwb.data.pairs import read_pairs, validate_pairs_file
 from cpwb.engine.generate import prompt_ids
-from cpwb.engine.sampler import TransformersGenerator, shared_prefix_length
+from cpwb.engine.sampler import TransformersGenerator, _warpers, nucleus_sample, shared_prefix_length
 from cpwb.steps.negatives.anchors import FEW_SHOT_POOL_ROWS, PROMPTS, few_shot_examples, load_anchors
 from cpwb.steps.negatives.config import GenerateConfig
 from cpwb.steps.negatives.hardness import edit_ratio
@@ -153,6 +154,30 @@ def test_greedy_rows_match_plain_generate_while_finished_rows_leave_the_batch(de
     assert ours == [[text, text] for text in expected]
     ended = [(row[width:] == tokenizer.eos_token_id).any().item() for row in plain]
     assert ended[0] and not ended[2]  # rows finished at different steps: the batch shrank on the way
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 0.9, 0), (0.8, 0.95, 0), (1.3, 0.5, 0), (1.0, 0.9, 5),
+                                                         (1.0, 1.0, 0), (0.7, 0.9, 50)])
+def test_nucleus_sampling_draws_from_the_transformers_warped_distribution(temperature, top_p, top_k):
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.randn(200, generator=generator) * 0.3
+    peaked[:6] += 7  # its nucleus lies in the top 8: the short path
+    flat = torch.randn(200, generator=generator) * 0.3  # it does not: the warpers' full path
+    draws = 20000
+    logits = torch.stack([peaked, flat]).repeat_interleave(draws, 0)
+    warpers = _warpers(temperature, top_p, top_k)
+    tokens = nucleus_sample(logits, temperature, top_p, top_k, warpers, generator, candidates=8).view(2, draws)
+    expected = torch.softmax(warpers(None, torch.stack([peaked, flat])), dim=-1)
+    for row in range(2):
+        seen = torch.bincount(tokens[row], minlength=200).double()
+        kept = expected[row] > 0
+        assert (seen[~kept] == 0).all()  # never a token the warpers cut
+        expected_counts = expected[row][kept].double().numpy() * draws
+        if kept.sum() > 1:  # sampling noise only
+            assert chisquare(seen[kept].numpy(), expected_counts * draws / expected_counts.sum()).pvalue > 1e-3
+    again = nucleus_sample(logits, temperature, top_p, top_k, warpers, torch.Generator().manual_seed(1), candidates=8)
+    assert torch.equal(again, nucleus_sample(logits, temperature, top_p, top_k, warpers,
+                                             torch.Generator().manual_seed(1), candidates=8))
 
 
 def test_sampling_is_seeded_and_leaves_the_model_as_it_was(tiny_lm):
