@@ -160,24 +160,26 @@ def test_greedy_rows_match_plain_generate_while_finished_rows_leave_the_batch(de
                                                          (1.0, 1.0, 0), (0.7, 0.9, 50)])
 def test_nucleus_sampling_draws_from_the_transformers_warped_distribution(temperature, top_p, top_k):
     generator = torch.Generator().manual_seed(0)
-    peaked = torch.randn(200, generator=generator) * 0.3
-    peaked[:6] += 7  # its nucleus lies in the top 8: the short path
-    flat = torch.randn(200, generator=generator) * 0.3  # it does not: the warpers' full path
-    draws = 20000
-    logits = torch.stack([peaked, flat]).repeat_interleave(draws, 0)
+    sharp, peaked, flat = (torch.randn(200, generator=generator) * 0.3 for _ in range(3))
+    sharp[:2] += 9  # its nucleus lies in the top 3: the first width
+    peaked[:6] += 7  # in the top 8 but not the top 3: the second width
+    flat *= 0.5  # in neither: the warpers' full path
+    draws, widths = 20000, (3, 8)
+    logits = torch.stack([sharp, peaked, flat])
     warpers = _warpers(temperature, top_p, top_k)
-    tokens = nucleus_sample(logits, temperature, top_p, top_k, warpers, generator, candidates=8).view(2, draws)
-    expected = torch.softmax(warpers(None, torch.stack([peaked, flat])), dim=-1)
-    for row in range(2):
+    tokens = nucleus_sample(logits.repeat_interleave(draws, 0), temperature, top_p, top_k, warpers, generator,
+                            widths).view(3, draws)
+    expected = torch.softmax(warpers(None, logits), dim=-1)
+    for row in range(3):
         seen = torch.bincount(tokens[row], minlength=200).double()
         kept = expected[row] > 0
         assert (seen[~kept] == 0).all()  # never a token the warpers cut
         expected_counts = expected[row][kept].double().numpy() * draws
         if kept.sum() > 1:  # sampling noise only
             assert chisquare(seen[kept].numpy(), expected_counts * draws / expected_counts.sum()).pvalue > 1e-3
-    again = nucleus_sample(logits, temperature, top_p, top_k, warpers, torch.Generator().manual_seed(1), candidates=8)
-    assert torch.equal(again, nucleus_sample(logits, temperature, top_p, top_k, warpers,
-                                             torch.Generator().manual_seed(1), candidates=8))
+    again = [nucleus_sample(logits, temperature, top_p, top_k, warpers, torch.Generator().manual_seed(1), widths)
+             for _ in range(2)]
+    assert torch.equal(*again)
 
 
 def test_sampling_is_seeded_and_leaves_the_model_as_it_was(tiny_lm):

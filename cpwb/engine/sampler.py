@@ -61,34 +61,40 @@ def _warpers(temperature: float, top_p: float, top_k: int):
                                + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
 
 
-CANDIDATES = 256  # logits looked at first by nucleus_sample; rows whose nucleus is wider take the warpers' path
+CANDIDATES = (256, 4096)  # widths nucleus_sample looks at in turn; rows whose nucleus is wider take the full path
 
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, warpers,
-                   generator: torch.Generator | None, candidates: int = CANDIDATES) -> torch.Tensor:
+                   generator: torch.Generator | None, candidates: Sequence[int] = CANDIDATES) -> torch.Tensor:
     """One token per row from softmax(warpers(logits)): the distribution after temperature, top-k and top-p.
 
     transformers' TopPLogitsWarper keeps a token when the probability of the tokens above it is below top_p. If the
-    top `candidates` tokens hold at least top_p (or top-k cuts to at most `candidates`), no token outside them is
-    kept, so the kept set is found among them: their probabilities against the whole vocabulary's log-sum-exp, an
-    exclusive cumulative sum, one draw among the kept. The distribution is the warpers' exactly; the random stream
-    differs from drawing over the whole vocabulary. Other rows go through the warpers and a full-width draw.
+    top w tokens hold at least top_p (or top-k cuts to at most w), no token outside them is kept, so the kept set is
+    found among them: their probabilities against the whole vocabulary's log-sum-exp, an exclusive cumulative sum,
+    one draw among the kept. Rows try each width of `candidates` in turn (SmolLM2-135M on RTP prompts, top-p 0.9:
+    256 holds the nucleus of 69% of rows, 4096 of 99.8%); the rest go through the warpers and a full-width draw.
+    The distribution is the warpers' exactly; the random stream differs from one full-width draw per row.
     """
     scores = logits / temperature
-    cut = 0 < top_k <= candidates
+    cut = 0 < top_k <= candidates[-1]
     if top_p >= 1 and not cut:
         return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
-    values, tokens = scores.topk(min(top_k if cut else candidates, scores.shape[-1]), dim=-1)
-    probabilities = torch.exp(values - torch.logsumexp(values if cut else scores, dim=-1, keepdim=True))
-    above = probabilities.cumsum(-1) - probabilities
-    kept = probabilities if top_p >= 1 else torch.where(above < top_p, probabilities, 0.0)
-    picks = torch.multinomial(kept, 1, generator=generator)
-    out = tokens.gather(1, picks).squeeze(1)
-    wider = ~(cut | (probabilities.sum(-1) >= top_p))
-    if wider.any():
-        rows = wider.nonzero().squeeze(1)
-        full = torch.softmax(warpers(None, logits[rows]), dim=-1)
-        out[rows] = torch.multinomial(full, 1, generator=generator).squeeze(1)
+    out = torch.empty(len(scores), dtype=torch.long, device=scores.device)
+    rows = torch.arange(len(scores), device=scores.device)
+    total = None if cut else torch.logsumexp(scores, dim=-1, keepdim=True)
+    for width in (top_k,) if cut else candidates:
+        values, tokens = scores[rows].topk(min(width, scores.shape[-1]), dim=-1)
+        probabilities = torch.exp(values - (torch.logsumexp(values, dim=-1, keepdim=True) if cut else total[rows]))
+        above = probabilities.cumsum(-1) - probabilities
+        kept = probabilities if top_p >= 1 else torch.where(above < top_p, probabilities, 0.0)
+        held = torch.ones_like(rows, dtype=torch.bool) if cut else probabilities.sum(-1) >= top_p
+        picks = torch.multinomial(kept[held], 1, generator=generator)
+        out[rows[held]] = tokens[held].gather(1, picks).squeeze(1)
+        rows = rows[~held]
+        if not len(rows):
+            return out
+    full = torch.softmax(warpers(None, logits[rows]), dim=-1)
+    out[rows] = torch.multinomial(full, 1, generator=generator).squeeze(1)
     return out
 
 
