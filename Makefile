@@ -28,9 +28,10 @@ run: $(STAMP)
 	$(VENV)/bin/cpwb run
 
 # One pytest worker per core (pytest-xdist), each with one torch thread: on 2 cores 13.5 min against 19 in one process.
+# The 15 slowest tests are listed at the end, so a CI log shows where its time goes.
 TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 test: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist worksteal
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist worksteal --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow and not notebook"
