@@ -107,6 +107,17 @@ def test_steering_at_strength_zero_is_the_base_model_and_otherwise_moves_it(tiny
     assert torch.equal(_logits(model, tokenizer), base)
 
 
+def test_a_fit_from_warm_embeddings_reports_the_cold_embedding_cost(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("CPWB_CACHE", str(tmp_path / "cache"))
+    cold, warm = (train(peer_config(tiny_setup, tmp_path / name, objective="steering", embedding_cache=True)).metrics[0]
+                  for name in ("cold", "warm"))
+    assert cold["embedding_seconds"] > 0 and warm["embedding_seconds"] == cold["embedding_seconds"]
+    assert warm["step_seconds"] >= warm["embedding_seconds"]  # the warm fit itself took next to nothing
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.json"))) == 2  # one pass per side, recorded
+    unrecorded = train(peer_config(tiny_setup, tmp_path / "off", objective="steering")).metrics[0]
+    assert unrecorded["embedding_seconds"] > 0 and unrecorded["embedding_cache"] is False
+
+
 @pytest.mark.parametrize("overrides, field_name", [
     ({"objective": "steering", "steering_layer": 2}, "steering_layer"),
     ({"objective": "steering", "steering_layer": -1}, "steering_layer"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cpwb.core.errors import InputError
-from cpwb.core.files import atomic_write_bytes
+from cpwb.core.files import atomic_write_bytes, atomic_write_json
 from cpwb.core.provenance import digest
 from cpwb.engine.adapters import base_of
 from cpwb.engine.device import eval_mode
@@ -54,12 +56,22 @@ def _load(path: Path | None, n_texts: int) -> np.ndarray | None:
     return array if array.ndim == 2 and array.shape[0] == n_texts else None
 
 
-def _save(path: Path | None, array: np.ndarray) -> None:
-    """Write a matrix into the cache atomically."""
+def _save(path: Path | None, array: np.ndarray, seconds: float | None = None) -> None:
+    """Write a matrix into the cache atomically, with the seconds of the pass that computed it beside it."""
     if path is not None:
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
+        if seconds is not None:
+            atomic_write_json(path.with_suffix(".json"), {"seconds": seconds})
         atomic_write_bytes(path, buffer.getvalue())
+
+
+def _seconds(path: Path | None) -> float | None:
+    """The recorded seconds of the pass that computed a cached matrix (None: not recorded)."""
+    try:
+        return float(json.loads(path.with_suffix(".json").read_text())["seconds"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def model_fingerprint(model, use_adapter: bool = True) -> str:
@@ -159,11 +171,14 @@ def hidden_states(model, tokenizer, texts: Sequence[str], layers: Sequence[int] 
 def model_embeddings(model, tokenizer, texts: Sequence[str], layers: Sequence[int] | None = None,
                      pooling: str = "mean", use_adapter: bool = True, cache_dir: str | Path | None = None,
                      batch_size: int = 16, max_length: int = 128, progress: bool = False,
-                     before_final_norm: bool = False) -> dict[int, np.ndarray]:
+                     before_final_norm: bool = False, costs: dict[int, float | None] | None = None
+                     ) -> dict[int, np.ndarray]:
     """`hidden_states` with the adapter on or off (`use_adapter`, for peft models), cached per layer in `cache_dir`.
 
     All layers missing from the cache come from one forward pass; the cache key covers the model (its name, or its
-    weights when it has none), the adapter's weights, the layer, pooling, max_length and the texts.
+    weights when it has none), the adapter's weights, the layer, pooling, max_length and the texts. `costs`, when
+    given, receives per layer the seconds of the pass that computed it, now or when it was cached (None: unknown), so
+    a fit from a warm cache can still report its full cost.
     """
     texts = _check_texts(texts)
     layers = resolve_layers(model, layers)
@@ -175,13 +190,18 @@ def model_embeddings(model, tokenizer, texts: Sequence[str], layers: Sequence[in
              for layer in layers}
     found = {layer: _load(files[layer], len(texts)) for layer in layers}
     missing = [layer for layer in layers if found[layer] is None]
+    seconds = {layer: _seconds(files[layer]) for layer in layers if found[layer] is not None}
     if missing:
+        started = time.perf_counter()
         with base_of(model) if not use_adapter else contextlib.nullcontext():
             computed = hidden_states(model, tokenizer, texts, missing, pooling, batch_size, max_length, progress,
                                      before_final_norm)
+        elapsed = time.perf_counter() - started
         for layer, array in computed.items():
-            _save(files[layer], array)
-            found[layer] = array
+            _save(files[layer], array, elapsed)
+            found[layer], seconds[layer] = array, elapsed
+    if costs is not None:
+        costs.update(seconds)
     return {layer: found[layer] for layer in layers}
 
 

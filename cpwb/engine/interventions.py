@@ -65,15 +65,19 @@ def _has(module: torch.nn.Module, path: str) -> bool:
 
 
 def text_embeddings(model, tokenizer, texts: Sequence[str], layers: Sequence[int], batch_size: int = 16,
-                    max_length: int = 128, cache_dir: str | Path | None = None,
-                    progress: bool = False) -> dict[int, torch.Tensor]:
+                    max_length: int = 128, cache_dir: str | Path | None = None, progress: bool = False,
+                    costs: dict[int, float | None] | None = None) -> dict[int, torch.Tensor]:
     """{block l: [N, D] float32}: each text's residual stream at the output of block l, averaged over its own tokens
-    (cached in `cache_dir` per model, block and texts)."""
+    (cached in `cache_dir` per model, block and texts; `costs` receives the seconds of the pass per block, as
+    cpwb.engine.embeddings.model_embeddings records them)."""
     from cpwb.engine.embeddings import model_embeddings
 
+    passes: dict[int, float | None] = {}
     states = model_embeddings(model, tokenizer, list(texts), [layer + 1 for layer in layers], use_adapter=False,
                               cache_dir=cache_dir, batch_size=batch_size, max_length=max_length, progress=progress,
-                              before_final_norm=True)
+                              before_final_norm=True, costs=passes)
+    if costs is not None:
+        costs.update({layer: passes.get(layer + 1) for layer in layers})
     return {layer: torch.from_numpy(states[layer + 1]) for layer in layers}
 
 
