@@ -204,6 +204,25 @@ def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_
     assert min(front.y) == pytest.approx(-90)  # ProFS rank 4 cuts most
 
 
+def test_generation_costs_take_each_methods_latest_run_and_lora_methods_share_cps():
+    import pandas as pd
+
+    from cpwb.analysis import peers as compare
+
+    def row(method, p50, stamp, metric="cpu_seconds_per_1k_tokens", benchmark="method_cost"):
+        return {"benchmark": benchmark, "config": json.dumps({"method": method, "prompts": 64}), "metric": metric,
+                "p50": p50, "timestamp": stamp}
+
+    rows = pd.DataFrame([row("CP", 30.0, "2026-11-01T00:00:00"), row("CP", 12.5, "2026-12-02T00:00:00"),
+                         row("CP", 1.07, "2026-12-02T00:00:00", metric="over_base"),
+                         row("DExperts", 40.6, "2026-12-02T00:00:00"), row("SimPO", 13.0, "2026-12-02T00:00:00"),
+                         row("base", 99.0, "2026-12-02T00:00:00", benchmark="train_step")])
+    costs = compare.generation_costs(rows)
+    assert costs == {"CP": 12.5, "DPO": 12.5, "SimPO": 13.0, "GRPO (RL)": 12.5, "DExperts": 40.6}
+    points = compare.method_points(pd.DataFrame(_sweep_rows("cp", "base", [0])), None)
+    assert compare.comparison_table(points, costs)["generation s / 1k tokens"].tolist() == ["12.5"]
+
+
 # ------------------------------------------------------------------------------------------------ DExperts
 @pytest.fixture(scope="module")
 def dexperts_run(tiny_setup, tmp_path_factory):  # noqa: F811

@@ -9,6 +9,8 @@ knob's curve and the Pareto front; `data_figure` the sample-efficiency and label
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -21,6 +23,8 @@ PEER_NAMES = {"profs": "ProFS", "steering": "steering", "dexperts": "DExperts", 
 # each training-free method's strength knob (its curve) and the settings that make another curve
 KNOBS = {"profs": ("edit_rank", ("edit_layers",)), "steering": ("steering_strength", ("steering_layer",)),
          "dexperts": ("dexperts_alpha", ())}
+# methods whose artefact is a LoRA adapter of CP's shape: generation costs what CP's adapter costs
+LORA_METHODS = ("DPO", "SimPO", "GRPO (RL)")
 COLUMNS = ("method", "setting", "knob", "knob_value", "seed", "toxicity_change", "toxicity_change_low",
            "toxicity_change_high", "ppl_change", "ppl_change_low", "ppl_change_high", "similarity", "train_seconds")
 
@@ -75,6 +79,16 @@ def _cell(values: pd.Series, low: pd.Series, high: pd.Series, digits: int = 0) -
     if pd.notna(low.iloc[0]) and pd.notna(high.iloc[0]):
         return f"{v.iloc[0]:+{f}}% [{100 * low.iloc[0]:+{f}}, {100 * high.iloc[0]:+{f}}]"
     return f"{v.iloc[0]:+{f}}%"
+
+
+def generation_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
+    """Method -> CPU seconds per 1,000 generated tokens, from benchmarks/method_cost.py's rows of a
+    benchmarks/results.csv (each method's latest run, median over its repeats). DPO, SimPO and GRPO train LoRA
+    adapters of CP's shape, so they take CP's figure when they were not measured themselves."""
+    rows = benchmarks[(benchmarks.benchmark == "method_cost") & (benchmarks.metric == "cpu_seconds_per_1k_tokens")]
+    rows = rows.assign(method=rows.config.map(lambda text: json.loads(text)["method"])).sort_values("timestamp")
+    costs = {str(m): float(v) for m, v in rows.groupby("method").p50.last().items()}
+    return {**({name: costs["CP"] for name in LORA_METHODS} if "CP" in costs else {}), **costs}
 
 
 def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None = None) -> pd.DataFrame:

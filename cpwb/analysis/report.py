@@ -272,10 +272,12 @@ def _provenance_note(name: str, frame: pd.DataFrame) -> str:
 
 def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | None = None,
                  n_examples: int = 8, tuning: pd.DataFrame | None = None,
-                 confirmations: pd.DataFrame | None = None, peers: pd.DataFrame | None = None) -> Report:
+                 confirmations: pd.DataFrame | None = None, peers: pd.DataFrame | None = None,
+                 generation: dict[str, float] | None = None) -> Report:
     """The report of evaluation folders (label -> folder, e.g. {"base": ..., "CP": ...}), optional baselines,
     optional tuning studies (`read_tuning`): their fronts, best trial per budget and seed re-runs, and optional
-    peers' points (`read_peers`): the comparison table and figure."""
+    peers' points (`read_peers`): the comparison table (with each method's generation cost when measured,
+    `read_generation_costs`) and figure."""
     from cpwb.analysis import peers as compared
     from cpwb.analysis import tuning as tuned
 
@@ -300,7 +302,7 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
     peer_table = pd.DataFrame()
     if peers is not None and len(peers):
         figures["peers_comparison"] = compared.comparison_figure(peers)
-        peer_table = compared.comparison_table(peers)
+        peer_table = compared.comparison_table(peers, generation)
     return Report(table, figures, examples, notes, settings, differences, best, confirmed, scorer_agreement(folders),
                   peer_table)
 

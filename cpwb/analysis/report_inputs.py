@@ -65,3 +65,11 @@ def read_peers(run_dir: str | Path) -> pd.DataFrame | None:
     grid = Path(run_dir) / "ablations" / "results.csv"
     return method_points(read_results(grid) if grid.is_file() else None,
                          pd.concat([read_results(p) for p in paths], ignore_index=True))
+
+
+def read_generation_costs(run_dir: str | Path) -> dict[str, float]:
+    """Notebook 05's `peers/generation.json` (method -> CPU seconds per 1,000 generated tokens), or {}."""
+    import json
+
+    path = Path(run_dir) / "peers" / "generation.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
