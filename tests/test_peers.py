@@ -355,10 +355,15 @@ def test_a_reward_scorer_that_does_not_load_fails_naming_the_setting_and_writes_
 
 
 def test_grpo_trains_a_lora_policy_through_trl_and_saves_it_as_the_runs_adapter(tiny_setup, tmp_path):  # noqa: F811
-    result = train(peer_config(tiny_setup, tmp_path / "rl", objective="grpo", steps=2, anchors_per_step=2,
-                               rl_generations=2, rl_max_new_tokens=4, rl_prompts=8, checkpoint_every=1))
+    config = peer_config(tiny_setup, tmp_path / "rl", objective="grpo", steps=2, anchors_per_step=2,
+                         rl_generations=2, rl_max_new_tokens=4, rl_prompts=8, checkpoint_every=1)
+    result = train(config)
     assert (result.adapter_dir / "adapter_config.json").is_file() and len(result.metrics) == 2
-    assert all("reward" in m for m in result.metrics)
+    assert all("reward" in m and m["step_seconds"] > 0 and m["peak_memory_mb"] > 0 for m in result.metrics)
+    resumed = train(config, resume=True)  # finished: the same policy and metrics, no step more
+    assert resumed.metrics == result.metrics
+    assert torch.allclose(_logits(resumed.model, resumed.tokenizer), _logits(result.model, result.tokenizer),
+                          atol=1e-5)
     loaded, tokenizer = load_adapter(result.adapter_dir, model=str(tiny_setup / "model"))
     with base_of(loaded):
         base = _logits(loaded, tokenizer)

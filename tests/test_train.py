@@ -196,3 +196,16 @@ def test_a_pairs_file_trains_with_paradetox_and_no_run_trains_on_the_canonical_h
     assert not {r.id for r in mixed} & set(reserved)
     paradetox_only, default_heldout, _ = load_training_pairs(TrainConfig())
     assert [r.id for r in default_heldout] == reserved and not {r.id for r in paradetox_only} & set(reserved)
+
+
+def test_a_setting_added_since_a_run_started_is_no_change_at_its_default_only(tmp_path):
+    from cpwb.core.config import require_same_settings, to_dict, yaml_text
+
+    now = to_dict(TrainConfig(output_dir=str(tmp_path)))
+    before = {k: v for k, v in now.items() if k != "expert_cache"}  # recorded before expert_cache existed
+    (tmp_path / "config.yaml").write_text(yaml_text(before))
+    require_same_settings(tmp_path / "config.yaml", now, config_type=TrainConfig)
+    with pytest.raises(ConfigError, match="expert_cache"):
+        require_same_settings(tmp_path / "config.yaml", {**now, "expert_cache": False}, config_type=TrainConfig)
+    with pytest.raises(ConfigError, match="expert_cache"):  # without the dataclass, a missing setting is a change
+        require_same_settings(tmp_path / "config.yaml", now)

@@ -142,16 +142,24 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any], ignore: tuple[
 
 
 def require_same_settings(saved: str | Path, now: dict[str, Any], ignore: tuple[str, ...] = ("progress", "output_dir"),
-                          what: str = "a run") -> None:
+                          what: str = "a run", config_type: type | None = None) -> None:
     """Refuse to resume a folder started with other settings (recorded in the YAML file `saved`; moved is fine).
 
-    One line names the folder and every setting that differs; a missing file means a new folder.
+    One line names the folder and every setting that differs; a missing file means a new folder. With
+    `config_type` (the settings' dataclass), a setting added to cpwb after the folder was started is no change when
+    it holds its default now: the run was made with what that default does.
     """
+    from cpwb.core.settings import default_of
+
     saved = Path(saved)
     if not saved.is_file():
         return
     before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-    changed = changed_settings(before, now, ignore)
+    added = {f.name: default_of(f) for f in dataclasses.fields(config_type)
+             if f.name not in before} if config_type is not None else {}
+    changed = [k for k in changed_settings(before, now, ignore)
+               if not (k in added and json.dumps(now.get(k), sort_keys=True, default=str)
+                       == json.dumps(added[k], sort_keys=True, default=str))]
     if changed:
         raise ConfigError(f"{saved.parent} holds {what} with other settings ({', '.join(changed)}); resume it with "
                           "the same settings, or use another output_dir", saved, field=changed[0])

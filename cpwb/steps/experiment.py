@@ -131,7 +131,7 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
         "train_seconds": sum(m["step_seconds"] for m in steps),  # time in training steps, resumed runs included
         "evaluate_seconds": evaluate_seconds,  # the trained model's quick evaluation
         "step_seconds_median": sorted(m["step_seconds"] for m in steps)[len(steps) // 2] if steps else None,
-        "peak_memory_mb": max((m["peak_memory_mb"] for m in steps), default=None),
+        "peak_memory_mb": max((m["peak_memory_mb"] for m in steps if "peak_memory_mb" in m), default=None),
         "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,
         "ppl_change": trained["wikitext2_ppl"] / base["wikitext2_ppl"] - 1,
         **change_intervals(base, trained),

@@ -73,7 +73,8 @@ def fit_intervention(config: TrainConfig, resume: bool = False):
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     metrics_path = run_dir / "metrics.jsonl"
     if resume and is_intervention(adapter_dir) and metrics_path.is_file():
-        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"))
+        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"),
+                              config_type=TrainConfig)
         history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         return TrainResult(run_dir, adapter_dir, history, heldout, load_intervention(adapter_dir).attach(model),
                            tokenizer)

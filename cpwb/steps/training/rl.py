@@ -70,7 +70,7 @@ def fit_grpo(config: TrainConfig, resume: bool = False):
 
     from cpwb.core.errors import ConfigError
     from cpwb.engine.assets import load_causal_lm, load_tokenizer, model_label
-    from cpwb.engine.device import pick_device
+    from cpwb.engine.device import peak_memory_mb, pick_device
     from cpwb.engine.scoring import load_toxicity_scorer
     from cpwb.steps.training.batches import load_training_pairs
     from cpwb.steps.training.checkpoints import save_adapter
@@ -84,7 +84,16 @@ def fit_grpo(config: TrainConfig, resume: bool = False):
     run_dir, adapter_dir = Path(config.output_dir), Path(config.output_dir) / "adapter"
     grpo_dir = run_dir / "grpo"
     if resume and (run_dir / "config.yaml").is_file():
-        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"))
+        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"),
+                              config_type=TrainConfig)
+        if (adapter_dir / "adapter_config.json").is_file() and (run_dir / "metrics.jsonl").is_file():
+            # finished (the adapter is saved last): TRL resuming its final checkpoint would train one step more
+            from cpwb.engine.adapters import load_adapter
+
+            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            policy, tokenizer = load_adapter(adapter_dir, config.model, str(pick_device(config.device)),
+                                             config.trust_remote_code)
+            return TrainResult(run_dir, adapter_dir, history, heldout, policy, tokenizer)
     device = str(pick_device(config.device))
     model = load_causal_lm(config.model, device=device, dtype=config.dtype,
                            trust_remote_code=config.trust_remote_code)
@@ -106,9 +115,10 @@ def fit_grpo(config: TrainConfig, resume: bool = False):
     seconds = time.perf_counter() - started
     history = [{"step": int(h["step"]), **{k: v for k, v in h.items() if isinstance(v, (int, float))}}
                for h in trainer.state.log_history if "loss" in h]
-    steps = max(len(history), 1)
-    for record in history:  # TRL logs no step time: the run's own seconds, spread over its logged steps
-        record["step_seconds"] = seconds / steps
+    steps, memory = max(len(history), 1), peak_memory_mb(pick_device(config.device))
+    for record in history:  # TRL's own step time (kept in its checkpoints, so a resumed run keeps it), else the
+        record["step_seconds"] = record.get("step_time", seconds / steps)  # run's seconds spread over its steps
+        record["peak_memory_mb"] = memory
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
     policy = trainer.model
     save_adapter(adapter_dir, policy, model_label(config.model))

@@ -106,7 +106,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"))
+        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"),
+                              config_type=TrainConfig)
         start = load_checkpoint(checkpoint, model, optimizer, scheduler, rng, module)
     metrics_path = run_dir / "metrics.jsonl"
     kept = [m for m in read_jsonl_tolerant(metrics_path) if m["step"] <= start] if start else []
