@@ -76,7 +76,8 @@ def _train_cached(config: TrainConfig, resume: bool, use_cache: bool):
 
     run_dir, stored = Path(config.output_dir), cached_run(config)
     if use_cache and latest_checkpoint(run_dir) is None and latest_checkpoint(stored) is not None:
-        _copy_run(stored, run_dir)
+        with atomic_path(run_dir) as tmp:  # no checkpoint there: nothing of its own to keep
+            _copy_run(stored, tmp)
         resume = True
     result = train(config, resume=resume)
     if use_cache and latest_checkpoint(stored) is None and (run_dir / "adapter").is_dir():
@@ -86,7 +87,8 @@ def _train_cached(config: TrainConfig, resume: bool, use_cache: bool):
 
 
 def _copy_run(source: Path, target: Path) -> None:
-    """The files a finished run resumes from: its settings, data record, metrics and last checkpoint."""
+    """The files a finished run resumes from: its settings, data record, metrics and last checkpoint (into a
+    temporary folder of atomic_path, renamed whole)."""
     checkpoint = latest_checkpoint(source)
     target.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
