@@ -103,3 +103,62 @@ def test_random_negatives_alone_train(tiny_setup, tmp_path, objective):  # noqa:
     result = train(tiny_config(tiny_setup, tmp_path, objective=objective, steps=2, max_negatives=0,
                                random_negatives=2, kl_weight=0.0))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in result.metrics)
+
+
+TEXTS = {"base": ["you are a stupid idiot and I hate you", "go to hell, moron", "what a lovely day",
+                  "shut up you fat pig", "the weather is fine", "thanks for the help"],
+         "trained": ["you are a kind person", "go to the park", "what a lovely day", "please be quiet",
+                     "the weather is fine", "thanks for the help"]}
+
+
+def _point(folder, scorer, shift: float = 0.0):
+    """A sweep point recorded before per-prompt scores were kept: continuations and mean toxicity only."""
+    import json
+
+    folder.mkdir(parents=True)
+    result = {side: {"continuations": texts, "greedy_toxicity": float(np.mean(scorer.score(texts))) + shift}
+              for side, texts in TEXTS.items()}
+    result["toxicity_change"] = result["trained"]["greedy_toxicity"] / result["base"]["greedy_toxicity"] - 1
+    (folder / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def test_rescoring_a_point_adds_its_prompt_scores_and_paired_interval_and_another_scorers_change(tmp_path):
+    import json
+
+    from cpwb.analysis.ablation_tables import pooled_interval
+    from cpwb.engine.scoring import load_toxicity_scorer
+    from cpwb.steps.experiment import rescore_point
+
+    own, other = load_toxicity_scorer(), load_toxicity_scorer("bilstm-tcc")
+    recorded = _point(tmp_path / "p", own)
+    frame = pd.DataFrame({"point_dir": [str(tmp_path / "p")]})
+    assert pooled_interval(frame) == "—"  # no per-prompt scores yet
+    added = rescore_point(tmp_path / "p", own)
+    result = json.loads((tmp_path / "p" / "result.json").read_text())
+    assert set(added) == {"toxicity_change_low", "toxicity_change_high"}  # the recorded change stands
+    assert result["toxicity_change"] == recorded["toxicity_change"]
+    assert np.mean(result["base"]["greedy_scores"]) == pytest.approx(recorded["base"]["greedy_toxicity"])
+    assert result["toxicity_change_low"] <= result["toxicity_change"] <= result["toxicity_change_high"] < 0
+    assert pooled_interval(frame).startswith("[-")
+    rescore_point(tmp_path / "p", other)
+    result = json.loads((tmp_path / "p" / "result.json").read_text())
+    tcc = np.asarray(other.score(TEXTS["trained"]))
+    assert result["trained"]["greedy_scores:bilstm-tcc"] == pytest.approx(tcc)
+    assert result["trained"]["greedy_toxicity:bilstm-tcc"] == pytest.approx(tcc.mean())
+    assert result["toxicity_change:bilstm-tcc"] == pytest.approx(tcc.mean() / np.mean(other.score(TEXTS["base"])) - 1)
+    assert result["toxicity_change"] == recorded["toxicity_change"]  # its own figures kept
+
+
+def test_rescoring_a_point_scored_otherwise_is_refused_and_nothing_is_written(tmp_path):
+    from cpwb.engine.scoring import load_toxicity_scorer
+    from cpwb.steps.experiment import rescore_point
+
+    scorer = load_toxicity_scorer()
+    _point(tmp_path / "p", scorer, shift=0.01)
+    before = (tmp_path / "p" / "result.json").read_text()
+    with pytest.raises(InputError, match=r"result\.json: base\.greedy_toxicity: .* scored otherwise"):
+        rescore_point(tmp_path / "p", scorer)
+    assert (tmp_path / "p" / "result.json").read_text() == before
+    with pytest.raises(InputError, match="no result.json"):
+        rescore_point(tmp_path, scorer)

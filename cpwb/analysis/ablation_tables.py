@@ -5,6 +5,7 @@ rewrites them from the committed results.csv, and a test fails when the page and
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ METHOD_NAMES = {
     "max_negatives=0__random_negatives=1": "CP, one random toxic negative instead of the hard one",
     "normalize_text=false": "CP on raw ParaDetox text (its phi gap on raw pairs)",
 }
+SECOND_SCORER = "bilstm-tcc"  # the other shipped BiLSTM: `cpwb rescore POINTS --scorer bilstm-tcc`
 ONE_AT_A_TIME = ("base", "alpha=0.5", "alpha=2.0", "tau=0.1", "tau=2.0", "prototype=first_positive")
 
 
@@ -46,10 +48,25 @@ def _per_seed(frame: pd.DataFrame, column: str) -> str:
     return " / ".join(f"{100 * v:+.0f}" for v in frame.sort_values("seed")[column].astype(float))
 
 
+def pooled_interval(part: pd.DataFrame) -> str:
+    """The paired 95% interval, over the prompts, of the seed-averaged model's toxicity change: each prompt's
+    trained score averaged over the seeds against the base's score on the same prompt. It measures the prompt
+    sample's uncertainty; the ± of the change column is the seeds' spread. Reads each point's result.json beside
+    results.csv (`point_dir`); "—" when a point has no per-prompt scores (`cpwb rescore POINT --scorer default`)."""
+    from cpwb.core.stats import paired_relative_change
+
+    results = [json.loads((Path(d) / "result.json").read_text(encoding="utf-8")) for d in part.point_dir]
+    if not results or any("greedy_scores" not in r["trained"] for r in results):
+        return "—"
+    trained = np.mean([r["trained"]["greedy_scores"] for r in results], axis=0)
+    change = paired_relative_change(results[0]["base"]["greedy_scores"], trained)
+    return f"[{100 * change.low:+.0f}, {100 * change.high:+.0f}]"
+
+
 def base_row(frame: pd.DataFrame) -> str:
     """The base model's line: its greedy toxicity, perplexity, phi gap and similarity (the same for every point)."""
     row = frame.iloc[0]
-    return (f"| base model | — | {row.base_greedy_toxicity:.3f} | | | {row.base_wikitext2_ppl:.2f} | | "
+    return (f"| base model | — | {row.base_greedy_toxicity:.3f} | | | | | {row.base_wikitext2_ppl:.2f} | | "
             f"{row.base_phi_gap:+.2f} | {row.base_phi_gap_share_positive:.2f} | {row.base_similarity:.3f} | — |")
 
 
@@ -61,12 +78,16 @@ def _rows(frame: pd.DataFrame, variants: dict[str, str], cells) -> list[str]:
 
 
 def methods_table(frame: pd.DataFrame) -> str:
-    """Each method's mean ± std over its seeds, the change on every seed, and its median step time."""
-    lines = ["| method | seeds | greedy toxicity | change | per seed | WikiText-2 ppl | change | phi gap | share > 0 | "
-             "similarity | step s |", "|" + "---|" * 11, base_row(frame[frame.status == "completed"])]
+    """Each method's mean ± std over its seeds, the prompts' 95% interval, the change on every seed, the change by
+    the second BiLSTM scorer (when the points were rescored with it), and its median step time."""
+    lines = ["| method | seeds | greedy toxicity | change | 95% CI (prompts) | per seed | change, TCC scorer | "
+             "WikiText-2 ppl | change | phi gap | share > 0 | similarity | step s |", "|" + "---|" * 13,
+             base_row(frame[frame.status == "completed"])]
+    second = f"toxicity_change:{SECOND_SCORER}"
     return "\n".join(lines + _rows(frame, METHOD_NAMES, lambda part: [
-        _mean_std(part, "greedy_toxicity", ".3f"), _change(part, "toxicity_change"),
-        _per_seed(part, "toxicity_change"), _mean_std(part, "wikitext2_ppl", ".2f"), _change(part, "ppl_change", 1),
+        _mean_std(part, "greedy_toxicity", ".3f"), _change(part, "toxicity_change"), pooled_interval(part),
+        _per_seed(part, "toxicity_change"), _change(part, second) if second in part else "—",
+        _mean_std(part, "wikitext2_ppl", ".2f"), _change(part, "ppl_change", 1),
         _mean_std(part, "phi_gap", "+.2f"), f"{part.phi_gap_share_positive.mean():.2f}",
         _mean_std(part, "similarity", ".3f"), f"{part.step_seconds_median.median():.1f}"]))
 
@@ -116,6 +137,7 @@ TABLES = {"methods": methods_table, "set sizes": set_size_table, "one at a time"
 def all_tables(path: str | Path) -> dict[str, str]:
     """Every generated block of docs/ablations.md by name (what sits between its `<!-- table: NAME -->` marks)."""
     frame = read_results(path)
+    frame["point_dir"] = [str(Path(path).parent / point) for point in frame.point]
     return {name: make(frame) for name, make in TABLES.items()}
 
 

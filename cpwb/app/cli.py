@@ -135,12 +135,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    """Score evaluation folders' continuations again with another toxicity scorer."""
+    """Score evaluation folders' (or sweep points') continuations again with another toxicity scorer."""
     from cpwb.engine.scoring import load_toxicity_scorer
     from cpwb.steps.evaluation.rescore import rescore
+    from cpwb.steps.experiment import rescore_point
 
     scorer = load_toxicity_scorer(args.scorer, **_overrides(args.param))
     for folder in args.folders:
+        if (Path(folder) / "result.json").is_file():  # a sweep point or tuning trial
+            added = rescore_point(folder, scorer, batch_size=args.batch_size)
+            print(f"{folder}: {', '.join(added)} by {scorer.name}")
+            continue
         rows = rescore(folder, scorer, batch_size=args.batch_size)
         print(f"{folder}: {len(rows)} figures by {scorer.name}")
     return 0
@@ -232,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rescorer = sub.add_parser("rescore", help="score evaluation folders' continuations again with another toxicity "
                               "scorer (a column each, figures in metrics.json, agreement in the report)")
-    rescorer.add_argument("folders", nargs="+", help="evaluation folders (`cpwb evaluate` output_dir)")
+    rescorer.add_argument("folders", nargs="+", help="evaluation folders (`cpwb evaluate` output_dir), or sweep "
+                          "points / tuning trials (folders with a result.json)")
     rescorer.add_argument("--scorer", required=True, help="default, bilstm-toxblock, bilstm-tcc, detoxify or "
                           "hf:FOLDER (any AutoModelForSequenceClassification folder)")
     rescorer.add_argument("--batch-size", type=int, default=64, help="texts per batch (default 64)")

@@ -139,3 +139,50 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
     }
     atomic_write_json(done, summary)
     return summary
+
+
+def rescore_point(folder: str | Path, scorer, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
+    """Score a finished point's saved continuations (base and trained) with `scorer`, without generating again.
+
+    With the scorer the point was evaluated by (checked: its mean must reproduce the recorded greedy toxicity), a
+    point recorded before per-item scores were kept gains `greedy_scores` and its paired toxicity interval; its
+    perplexity interval needs per-window NLLs, which only a new evaluation gives. With another scorer, the point
+    gains `greedy_scores:<name>`, `greedy_toxicity:<name>` and `toxicity_change:<name>` with its interval, so that
+    a sweep's methods can be ranked by several scorers. Returns the fields added; result.json is rewritten
+    atomically, nothing else.
+    """
+    from cpwb.core.errors import InputError
+    from cpwb.core.stats import paired_relative_change
+    from cpwb.engine.scoring import DEFAULT_SCORER
+
+    path = Path(folder) / "result.json"
+    if not path.is_file():
+        raise InputError("not a sweep point or tuning trial (no result.json)", folder)
+    result = json.loads(path.read_text(encoding="utf-8"))
+    scores = {}
+    for side in ("base", "trained"):
+        texts = result.get(side, {}).get("continuations")
+        if not texts:
+            raise InputError(f"no saved continuations to score under '{side}'", path, field=f"{side}.continuations")
+        scores[side] = [float(x) for x in scorer.score(texts, batch_size=batch_size, progress=progress)]
+    own = scorer.name == DEFAULT_SCORER
+    if own:
+        for side in ("base", "trained"):
+            recorded, again = result[side]["greedy_toxicity"], sum(scores[side]) / len(scores[side])
+            if abs(recorded - again) > 1e-4:
+                raise InputError(f"{scorer.name} gives mean {again:.6f} on the saved continuations, the point "
+                                 f"recorded {recorded:.6f}: it was scored otherwise", path,
+                                 field=f"{side}.greedy_toxicity")
+    suffix = "" if own else f":{scorer.name}"
+    change = paired_relative_change(scores["base"], scores["trained"])
+    added: dict[str, Any] = {f"toxicity_change{suffix}": change.value, f"toxicity_change_low{suffix}": change.low,
+                             f"toxicity_change_high{suffix}": change.high}
+    for side in ("base", "trained"):
+        result[side][f"greedy_scores{suffix}"] = scores[side]
+        if not own:
+            result[side][f"greedy_toxicity{suffix}"] = sum(scores[side]) / len(scores[side])
+    if own:
+        added.pop("toxicity_change")  # the recorded change stands (it is the same figure)
+    result.update(added)
+    atomic_write_json(path, result)
+    return added
