@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from cpwb.app.cli import main
 from cpwb.app.study import load_study_spec
 from cpwb.app.tune import confirm, constraint_values, study_folder, work
 from cpwb.core.errors import ConfigError, CpwbError
-from tests.helpers import write_notebook
+from tests.helpers import kill_worker_mid_execution, write_notebook
 from tests.postgres import postgres_server
 
 FAKE_TRIAL = """
@@ -146,16 +144,7 @@ def test_a_worker_killed_mid_trial_leaves_it_failed_and_retried_and_the_study_co
     study = _study(tmp_path, trials=3, sleep=2.0)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     first = _tune(study, tmp_path / "out", "--storage", url)
-    deadline = time.time() + 120
-    while not any(line[0] == "start" for line in _executions(tmp_path / "out")):
-        assert first.poll() is None and time.time() < deadline, first.stdout.read() if first.stdout else ""
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)  # mid-trial: the notebook sleeps 2 s
-    first.wait()
-    kernel = Path(f"/proc/{_executions(tmp_path / 'out')[0][3]}")
-    while kernel.exists():  # the killed worker's kernel exits with it (ipykernel's parent poller)
-        assert time.time() < deadline, "the killed worker's notebook kernel runs on"
-        time.sleep(0.2)
+    kill_worker_mid_execution(first, lambda: _executions(tmp_path / "out"), 3)  # mid-trial: the notebook sleeps 2 s
     second = _tune(study, tmp_path / "out", "--storage", url)
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output

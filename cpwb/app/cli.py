@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweeper.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own kernel (default 1)")
     sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
     _param_option(sweeper, "override a base setting of every point")
+    from cpwb.app.grid_study import GridStorage
+
+    add_setting_options(sweeper, GridStorage)
     sweeper.set_defaults(func=cmd_sweep)
 
     from cpwb.app.study import StudySpec

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -217,8 +218,10 @@ def storage_url(spec: StudySpec, folder: Path, override: str | None = None) -> s
     return f"sqlite:///{(folder / 'study.db').resolve()}"
 
 
-def open_storage(url: str, spec: StudySpec):
-    """An Optuna RDB storage with heartbeats (a dead worker's trial is failed and retried), or one clear error."""
+def open_storage(url: str, heartbeat_seconds: int, max_retries: int):
+    """An Optuna RDB storage with heartbeats (a trial silent for two periods is failed and retried up to
+    `max_retries` times), or one clear error. Tuning studies and storage-backed sweeps (cpwb.app.grid_study)
+    share it."""
     import warnings
 
     import optuna
@@ -230,17 +233,29 @@ def open_storage(url: str, spec: StudySpec):
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=spec.heartbeat_seconds,
-                grace_period=2 * spec.heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(spec.max_retries))
-    except Exception as err:  # sqlalchemy: no driver, bad URL, server unreachable, refused login
-        reason = " ".join(str(err).split("\n")[0].split())[:300]
-        raise ConfigError(f"cannot open storage {_redacted(url)}: {type(err).__name__}: {reason}",
-                          field="storage") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
+                    grace_period=2 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retries))
+        except Exception as err:  # sqlalchemy: no driver, bad URL, server unreachable, refused login
+            if _creation_race(err) and attempt < 2:  # another worker created the new storage's tables meanwhile
+                time.sleep(1.0)
+                continue
+            reason = " ".join(str(err).split("\n")[0].split())[:300]
+            raise ConfigError(f"cannot open storage {_redacted(url)}: {type(err).__name__}: {reason}",
+                              field="storage") from None
+
+
+def _creation_race(err: Exception) -> bool:
+    """Whether opening a new storage failed because another worker was creating its schema at the same moment
+    (SQLite: a unique constraint on alembic_version; PostgreSQL: a table or type that already exists)."""
+    text = str(err)
+    return type(err).__name__ in ("IntegrityError", "ProgrammingError", "OperationalError") and (
+        "alembic_version" in text or "already exists" in text)
 
 
 def _redacted(url: str) -> str:

@@ -281,6 +281,20 @@ def run_point(grid: Grid, point: Point, point_dir: Path, columns: list[str], ker
     return result_row(point, point_dir, columns, "completed")
 
 
+def prepare(grid: Grid, output_root: str | Path) -> tuple[list[Point], Path, list[str]]:
+    """The grid's points, its folder `<output_root>/<name>/` (created, with grid.json) and its results.csv setting
+    columns. A relative `output_root` is taken from the repository root."""
+    points = expand(grid)
+    root = Path(output_root) if Path(output_root).is_absolute() else REPO_ROOT / output_root
+    folder = root / grid.name
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "grid.json", {"grid": dataclasses.asdict(grid), "notebook": str(grid.notebook_path),
+                                             "points": [dataclasses.asdict(p) for p in points]})
+    varied = [k for p in points for k in p.varied]
+    columns = [c for c in dict.fromkeys(varied + list(DESIGN_COLUMNS)) if any(c in p.parameters for p in points)]
+    return points, folder, columns
+
+
 def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: bool = True,
              only: str | list[str] | None = None, kernel: str = "python3", jobs: int = 1) -> Path:
     """Run the grid's points (ids containing any pattern of `only`) into `<output_root>/<name>/`; returns results.csv.
@@ -294,14 +308,7 @@ def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: b
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}", field="jobs")
 
-    points = expand(grid)
-    root = Path(output_root) if Path(output_root).is_absolute() else REPO_ROOT / output_root
-    folder = root / grid.name
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "grid.json", {"grid": dataclasses.asdict(grid), "notebook": str(grid.notebook_path),
-                                             "points": [dataclasses.asdict(p) for p in points]})
-    varied = [k for p in points for k in p.varied]
-    columns = [c for c in dict.fromkeys(varied + list(DESIGN_COLUMNS)) if any(c in p.parameters for p in points)]
+    points, folder, columns = prepare(grid, output_root)
     rows = {p.id: result_row(p, folder / p.id, columns, "pending") for p in points}
     _pick_up_recorded(rows, points, folder, columns)
     results = write_results(folder / "results.csv", list(rows.values()))
@@ -329,13 +336,21 @@ def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: b
 
 def command(args) -> int:
     """`cpwb sweep` (see cpwb.app.cli): list the points (`--dry-run`) or run them; cpwb errors go to the caller."""
+    from cpwb.app.grid_study import GridStorage
     from cpwb.core.config import parse_override
+    from cpwb.core.settings import given_settings
 
+    storage = GridStorage(**given_settings(args))  # checked before anything runs
     grid = load_grid(args.grid, dict(parse_override(p) for p in args.param))
     points = select(expand(grid), args.only)
     if args.dry_run:
         print("\n".join(p.id for p in points))
         print(f"{len(points)} point(s) of sweep {grid.name}, {len(grid.seeds)} seed(s) each")
+        return 0
+    if storage.storage:  # points spread over workers through an Optuna storage
+        from cpwb.app.grid_study import run
+
+        print(f"results: {run(grid, storage, args.output_root, only=args.only, jobs=args.jobs)}")
         return 0
     print(f"results: {run_grid(grid, args.output_root, only=args.only, jobs=args.jobs)}")
     return 0

@@ -58,7 +58,7 @@ def open_study(spec: StudySpec, url: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(url, spec)
+    storage = open_storage(url, spec.heartbeat_seconds, spec.max_retries)
     try:
         study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
                                     directions=list(spec.objectives.values()), sampler=_sampler(spec, spec.seed))
