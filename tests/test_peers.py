@@ -202,6 +202,11 @@ def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_
     assert curves["CP"].mode == "markers"
     front = curves["Pareto front"]
     assert min(front.y) == pytest.approx(-90)  # ProFS rank 4 cuts most
+    assert "toxicity change, bilstm-tcc" not in table  # no point was rescored
+    peers["toxicity_change:bilstm-tcc"], peers["toxicity_change_low:bilstm-tcc"] = -0.3, -0.5
+    peers["toxicity_change_high:bilstm-tcc"] = -0.1
+    second = compare.comparison_table(compare.method_points(grid, peers))["toxicity change, bilstm-tcc"]
+    assert second.tolist() == ["—"] * 2 + ["-30% [-50, -10]"] * 5  # CP and DPO were not rescored here
 
 
 def test_generation_costs_take_each_methods_latest_run_and_lora_methods_share_cps():

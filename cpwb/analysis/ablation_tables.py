@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cpwb.analysis.ablations import SET_SIZE_SETTINGS, aggregate, read_results, varying_only
+from cpwb.analysis.ablations import SECOND_SCORER, SET_SIZE_SETTINGS, aggregate, read_results, varying_only
 from cpwb.core.files import atomic_write_text
 
 # variant id -> how the methods table names it
@@ -28,7 +28,6 @@ METHOD_NAMES = {
     "max_negatives=0__random_negatives=1": "CP, one random toxic negative instead of the hard one",
     "normalize_text=false": "CP on raw ParaDetox text (its phi gap on raw pairs)",
 }
-SECOND_SCORER = "bilstm-tcc"  # the other shipped BiLSTM: `cpwb rescore POINTS --scorer bilstm-tcc`
 ONE_AT_A_TIME = ("base", "alpha=0.5", "alpha=2.0", "tau=0.1", "tau=2.0", "prototype=first_positive")
 
 

@@ -14,6 +14,8 @@ import plotly.graph_objects as go
 from cpwb.core.errors import InputError
 
 REQUIRED_COLUMNS = ("point", "variant", "varied", "status", "seed")
+# the other shipped BiLSTM, a second yardstick: `cpwb rescore POINTS --scorer bilstm-tcc` adds its columns
+SECOND_SCORER = "bilstm-tcc"
 METRICS = ("greedy_toxicity", "toxicity_change", "wikitext2_ppl", "ppl_change", "phi_gap", "phi_gap_share_positive",
            "similarity", "train_seconds", "step_seconds_median")
 BASE_METRICS = ("base_greedy_toxicity", "base_wikitext2_ppl", "base_phi_gap")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from cpwb.analysis.ablations import pareto_front
+from cpwb.analysis.ablations import SECOND_SCORER, pareto_front
 
 # the ablation grid's variants that are the trained methods at their defaults
 TRAINED = {"base": "CP", "objective=dpo": "DPO", "objective=simpo": "SimPO"}
@@ -25,8 +25,11 @@ KNOBS = {"profs": ("edit_rank", ("edit_layers",)), "steering": ("steering_streng
          "dexperts": ("dexperts_alpha", ())}
 # methods whose artefact is a LoRA adapter of CP's shape: generation costs what CP's adapter costs
 LORA_METHODS = ("DPO", "SimPO", "GRPO (RL)")
+SECOND = tuple(f"{metric}:{SECOND_SCORER}" for metric in ("toxicity_change", "toxicity_change_low",
+                                                          "toxicity_change_high"))
 COLUMNS = ("method", "setting", "knob", "knob_value", "seed", "toxicity_change", "toxicity_change_low",
-           "toxicity_change_high", "ppl_change", "ppl_change_low", "ppl_change_high", "similarity", "train_seconds")
+           "toxicity_change_high", "ppl_change", "ppl_change_low", "ppl_change_high", "similarity", "train_seconds",
+           *SECOND)
 
 
 def _blocks(value) -> str:
@@ -93,7 +96,8 @@ def generation_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
 
 def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None = None) -> pd.DataFrame:
     """Per method, setting and knob value: seeds, toxicity and perplexity change (mean ± std over seeds, or the
-    paired 95% interval of a single seed), similarity, fitting seconds and, when measured, generation seconds per
+    paired 95% interval of a single seed), the toxicity change by the second scorer when the points were rescored
+    with it, similarity, fitting seconds and, when measured, generation seconds per
     1,000 tokens (`generation`: method -> seconds)."""
     rows = []
     for (method, setting, value), part in points.groupby(["method", "setting", "knob_value"], dropna=False,
@@ -103,6 +107,8 @@ def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None =
             "method": method, "setting": setting if not knob else f"{setting}; {knob}={value:g}",
             "seeds": len(part),
             "toxicity change": _cell(part.toxicity_change, part.toxicity_change_low, part.toxicity_change_high),
+            **({f"toxicity change, {SECOND_SCORER}": _cell(*(part[c] for c in SECOND))
+                if part[SECOND[0]].notna().all() else "—"} if points[SECOND[0]].notna().any() else {}),
             "perplexity change": _cell(part.ppl_change, part.ppl_change_low, part.ppl_change_high, 1),
             "similarity": f"{part.similarity.astype(float).mean():.3f}",
             "fit seconds": f"{part.train_seconds.astype(float).mean():.0f}",
