@@ -238,3 +238,30 @@ def test_shipped_grids_expand_and_state_their_size():
     ci = expand(load_grid(root / "ablations_ci.yaml"))
     assert len(ci) <= 3 and all(p.parameters["steps"] <= 3 for p in ci)
     assert json.loads(json.dumps([p.parameters for p in ci]))  # papermill-safe values
+
+
+@pytest.mark.notebook
+def test_results_only_rewrites_the_table_from_the_points_and_downstream_skips_points_without_an_artefact(
+        tmp_path, capsys, monkeypatch):
+    from cpwb.app.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing of the repository's outputs/ is touched
+
+    notebook = _fake_notebook(tmp_path)
+    grid = _write_grid(tmp_path / "g.yaml", f"name: g\nnotebook: {notebook}\nbase: {{steps: 3}}\nseeds: [0]\n"
+                                            "one_at_a_time: {objective: [dpo]}\n")
+    args = ["sweep", str(grid), "--output-root", str(tmp_path / "sweeps")]
+    assert main(args) == 0
+    point = tmp_path / "sweeps" / "g" / "objective=dpo__seed=0" / "result.json"
+    result = json.loads(point.read_text())
+    point.write_text(json.dumps({**result, "toxicity_change:bilstm-tcc": -0.4}))  # as `cpwb rescore` adds it
+    assert main([*args, "--results-only"]) == 0
+    table = pd.read_csv(tmp_path / "sweeps" / "g" / "results.csv")
+    assert table["toxicity_change:bilstm-tcc"].tolist()[1] == -0.4 and len(_executions(tmp_path / "sweeps")) == 2
+    (tmp_path / "sweeps" / "g" / "base__seed=0" / "adapter").rmdir()
+    capsys.readouterr()
+    assert main([*args, "--downstream", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "base__seed=0: skipped:" in out and "adapter: no saved artefact" in out
+    assert "objective=dpo__seed=0: skipped:" in out and "holds no LoRA adapter" in out  # an empty adapter/
+    assert main([*args, "--downstream", "0"]) == 2 and len(_executions(tmp_path / "sweeps")) == 2

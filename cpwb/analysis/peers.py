@@ -25,11 +25,12 @@ KNOBS = {"profs": ("edit_rank", ("edit_layers",)), "steering": ("steering_streng
          "dexperts": ("dexperts_alpha", ())}
 # methods whose artefact is a LoRA adapter of CP's shape: generation costs what CP's adapter costs
 LORA_METHODS = ("DPO", "SimPO", "GRPO (RL)")
+DOWNSTREAM = ("downstream_change", "downstream_change_low", "downstream_change_high")  # `cpwb sweep --downstream`
 SECOND = tuple(f"{metric}:{SECOND_SCORER}" for metric in ("toxicity_change", "toxicity_change_low",
                                                           "toxicity_change_high"))
 COLUMNS = ("method", "setting", "knob", "knob_value", "seed", "toxicity_change", "toxicity_change_low",
            "toxicity_change_high", "ppl_change", "ppl_change_low", "ppl_change_high", "similarity", "train_seconds",
-           *SECOND)
+           *SECOND, *DOWNSTREAM)
 
 
 def _blocks(value) -> str:
@@ -74,14 +75,14 @@ def method_points(ablations: pd.DataFrame | None, peers: pd.DataFrame | None) ->
     return frame[list(COLUMNS)]
 
 
-def _cell(values: pd.Series, low: pd.Series, high: pd.Series, digits: int = 0) -> str:
-    """`mean ± std` over seeds in %, or with one seed its recorded interval."""
+def _cell(values: pd.Series, low: pd.Series, high: pd.Series, digits: int = 0, unit: str = "%") -> str:
+    """`mean ± std` over seeds in % (or another `unit` of hundredths), or with one seed its recorded interval."""
     v, f = 100 * values.astype(float), f".{digits}f"
     if len(v) > 1:
-        return f"{v.mean():+{f}} ± {v.std(ddof=1):{f}}%"
+        return f"{v.mean():+{f}} ± {v.std(ddof=1):{f}}{unit}"
     if pd.notna(low.iloc[0]) and pd.notna(high.iloc[0]):
-        return f"{v.iloc[0]:+{f}}% [{100 * low.iloc[0]:+{f}}, {100 * high.iloc[0]:+{f}}]"
-    return f"{v.iloc[0]:+{f}}%"
+        return f"{v.iloc[0]:+{f}}{unit} [{100 * low.iloc[0]:+{f}}, {100 * high.iloc[0]:+{f}}]"
+    return f"{v.iloc[0]:+{f}}{unit}"
 
 
 def generation_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
@@ -97,8 +98,8 @@ def generation_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
 def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None = None) -> pd.DataFrame:
     """Per method, setting and knob value: seeds, toxicity and perplexity change (mean ± std over seeds, or the
     paired 95% interval of a single seed), the toxicity change by the second scorer when the points were rescored
-    with it, similarity, fitting seconds and, when measured, generation seconds per
-    1,000 tokens (`generation`: method -> seconds)."""
+    with it, the downstream accuracy change in points when measured (`cpwb sweep --downstream`), similarity,
+    fitting seconds and, when measured, generation seconds per 1,000 tokens (`generation`: method -> seconds)."""
     rows = []
     for (method, setting, value), part in points.groupby(["method", "setting", "knob_value"], dropna=False,
                                                            sort=False):
@@ -110,6 +111,8 @@ def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None =
             **({f"toxicity change, {SECOND_SCORER}": _cell(*(part[c] for c in SECOND))
                 if part[SECOND[0]].notna().all() else "—"} if points[SECOND[0]].notna().any() else {}),
             "perplexity change": _cell(part.ppl_change, part.ppl_change_low, part.ppl_change_high, 1),
+            **({"downstream change": _cell(*(part[c] for c in DOWNSTREAM), 1, " pts")
+                if part[DOWNSTREAM[0]].notna().all() else "—"} if points[DOWNSTREAM[0]].notna().any() else {}),
             "similarity": f"{part.similarity.astype(float).mean():.3f}",
             "fit seconds": f"{part.train_seconds.astype(float).mean():.0f}",
             **({"generation s / 1k tokens": f"{generation[method]:.1f}" if method in generation else "—"}

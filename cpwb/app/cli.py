@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweeper.add_argument("--dry-run", action="store_true", help="list the points and their count, run nothing")
     sweeper.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own kernel (default 1)")
     sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
+    sweeper.add_argument("--results-only", action="store_true", help="rewrite results.csv from the points' "
+                         "result.json files (e.g. after `cpwb rescore`), run nothing")
+    sweeper.add_argument("--downstream", type=int, metavar="N", help="run nothing new: measure the downstream "
+                         "accuracy change (N HellaSwag and N PIQA items) of completed points that lack it, from "
+                         "their saved artefacts, then rewrite results.csv")
     _param_option(sweeper, "override a base setting of every point")
     from cpwb.app.grid_study import GridStorage
 

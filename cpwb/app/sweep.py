@@ -295,6 +295,39 @@ def prepare(grid: Grid, output_root: str | Path) -> tuple[list[Point], Path, lis
     return points, folder, columns
 
 
+def recorded_rows(grid: Grid, output_root: str | Path
+                  ) -> tuple[list[Point], Path, list[str], dict[str, dict[str, Any]]]:
+    """The grid's points, folder and setting columns (see `prepare`), and a results.csv row per point: completed
+    (or failed, for a result of other settings) where the point's folder holds a result.json, else pending."""
+    points, folder, columns = prepare(grid, output_root)
+    rows = {p.id: result_row(p, folder / p.id, columns, "pending") for p in points}
+    _pick_up_recorded(rows, points, folder, columns)
+    return points, folder, columns, rows
+
+
+def add_downstream_to_points(grid: Grid, items: int, output_root: str | Path = "outputs/sweeps",
+                             only: str | list[str] | None = None, say=print) -> Path:
+    """`cpwb sweep GRID --downstream N`: the downstream accuracy change of each chosen completed point, measured
+    from its saved artefact (cpwb.steps.experiment.add_downstream), then results.csv rewritten. A point without an
+    artefact is named and skipped."""
+    from cpwb.core.errors import InputError
+    from cpwb.steps.experiment import add_downstream
+
+    points, folder, _, rows = recorded_rows(grid, output_root)
+    for point in select(points, only):
+        if rows[point.id]["status"] != "completed":
+            continue
+        try:
+            added = add_downstream(folder / point.id, items, progress=False)
+        except InputError as err:
+            say(f"{point.id}: skipped: {err}")
+            continue
+        change = added.get("downstream_change")
+        say(f"{point.id}: " + ("already measured" if not added else f"downstream change {100 * change:+.1f} points"))
+    _, _, _, rows = recorded_rows(grid, output_root)
+    return write_results(folder / "results.csv", list(rows.values()))
+
+
 def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: bool = True,
              only: str | list[str] | None = None, kernel: str = "python3", jobs: int = 1) -> Path:
     """Run the grid's points (ids containing any pattern of `only`) into `<output_root>/<name>/`; returns results.csv.
@@ -308,9 +341,7 @@ def run_grid(grid: Grid, output_root: str | Path = "outputs/sweeps", progress: b
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}", field="jobs")
 
-    points, folder, columns = prepare(grid, output_root)
-    rows = {p.id: result_row(p, folder / p.id, columns, "pending") for p in points}
-    _pick_up_recorded(rows, points, folder, columns)
+    points, folder, columns, rows = recorded_rows(grid, output_root)
     results = write_results(folder / "results.csv", list(rows.values()))
     waiting = select(points, only)[::-1]
     running: dict[Future, Point] = {}
@@ -346,6 +377,15 @@ def command(args) -> int:
     if args.dry_run:
         print("\n".join(p.id for p in points))
         print(f"{len(points)} point(s) of sweep {grid.name}, {len(grid.seeds)} seed(s) each")
+        return 0
+    if getattr(args, "downstream", None) is not None:
+        if args.downstream < 1:
+            raise ConfigError(f"must be at least 1, got {args.downstream}", field="--downstream")
+        print(f"results: {add_downstream_to_points(grid, args.downstream, args.output_root, args.only)}")
+        return 0
+    if getattr(args, "results_only", False):
+        _, folder, _, rows = recorded_rows(grid, args.output_root)
+        print(f"results: {write_results(folder / 'results.csv', list(rows.values()))}")
         return 0
     if storage.storage:  # points spread over workers through an Optuna storage
         from cpwb.app.grid_study import run

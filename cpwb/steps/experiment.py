@@ -34,6 +34,9 @@ class QuickEvalConfig:
     rtp_prompts: int = same_as(EvaluateConfig, "greedy_prompts")
     max_new_tokens: int = same_as(EvaluateConfig, "max_new_tokens")
     wikitext_windows: int = setting(24, "WikiText-2 windows of 512 tokens, stride 256 (6,399 tokens)", check=">=1")
+    downstream_items: int = setting(0, "HellaSwag and PIQA items each (the first of the shipped files), scored "
+                                       "zero-shot as the hellaswag/piqa protocols do, for the downstream accuracy "
+                                       "change with its paired interval; 0: not measured", check=">=0")
     batch_size: int = same_as(EvaluateConfig, "batch_size")
 
     def __post_init__(self) -> None:
@@ -59,7 +62,9 @@ def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=
                                     batch_size=config.batch_size, progress=progress)
     similarity = continuation_similarity(embedder, prompts, toxicity["continuations"])
     fluency = wikitext2_perplexity(model, tokenizer, max_windows=config.wikitext_windows, progress=progress)
-    return {"phi_gap": gap["mean_gap"], "phi_gap_share_positive": gap["share_positive"],
+    downstream = downstream_accuracy(model, tokenizer, config.downstream_items, config.batch_size, progress) \
+        if config.downstream_items else {}
+    return {**downstream, "phi_gap": gap["mean_gap"], "phi_gap_share_positive": gap["share_positive"],
             "phi_toxic": float(gap["phi_toxic"].mean()), "phi_neutral": float(gap["phi_neutral"].mean()),
             "greedy_toxicity": toxicity["mean_toxicity"], "greedy_toxic_rate": toxicity["toxic_rate"],
             "similarity": float(similarity.mean()),
@@ -72,28 +77,58 @@ def quick_eval(model, tokenizer, heldout: list, config: QuickEvalConfig, scorer=
             "wikitext2_window_tokens": [int(x) for x in fluency["windows"].n_tokens]}
 
 
+def downstream_accuracy(model, tokenizer, items: int, batch_size: int = 16, progress: bool = False
+                        ) -> dict[str, Any]:
+    """Zero-shot accuracy on the first `items` HellaSwag and PIQA questions (the quick protocols' scoring), each
+    and together, with every question's 0/1 outcome (HellaSwag's first, then PIQA's) for paired intervals."""
+    from cpwb.data.corpora import load_hellaswag, load_piqa
+    from cpwb.steps.evaluation.likelihood import multiple_choice_accuracy
+
+    result: dict[str, Any] = {}
+    correct: list[int] = []
+    for name, loader in (("hellaswag", load_hellaswag), ("piqa", load_piqa)):
+        out = multiple_choice_accuracy(model, tokenizer, loader(limit=items), batch_size=batch_size,
+                                       progress=progress)
+        result[f"{name}_acc"] = out["accuracy"]
+        correct += [int(c) for c in out["predictions"].correct]
+    return {**result, "downstream_acc": sum(correct) / len(correct), "downstream_correct": correct}
+
+
 def _eval_key(train_config: TrainConfig, eval_config: QuickEvalConfig) -> str:
     """What the base figures depend on: model, data and evaluation sizes."""
     fields = {k: getattr(train_config, k) for k in ("model", "pairs", "paradetox_limit", "normalize_text",
                                                       "holdout_fraction")}
     if train_config.with_paradetox:  # only when set, so the keys of earlier cached figures stay valid
         fields["with_paradetox"] = True
-    return digest({**fields, **asdict(eval_config), "metrics": QUICK_EVAL_METRICS}, 12)
+    sizes = {k: v for k, v in asdict(eval_config).items() if k != "downstream_items"}  # cached beside, see base_eval
+    return digest({**fields, **sizes, "metrics": QUICK_EVAL_METRICS}, 12)
 
 
 def base_eval(train_config: TrainConfig, eval_config: QuickEvalConfig, cache_root: str | Path = "outputs/base-eval",
               progress: bool = False) -> dict[str, Any]:
-    """The base model's quick evaluation, computed once per (model, data, evaluation settings) and cached."""
+    """The base model's quick evaluation, computed once per (model, data, evaluation settings) and cached.
+
+    The downstream accuracy is kept in the same file with its item count (`downstream_items`): asking for another
+    count computes only that part again, so turning it on does not redo the base's other figures."""
+    from dataclasses import replace
+
     from cpwb.engine.assets import load_causal_lm, load_tokenizer
 
     path = Path(cache_root) / f"{_eval_key(train_config, eval_config)}.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    if all(field in cached for field in PER_ITEM):  # figures cached before PER_ITEM existed are computed again
+    complete = all(field in cached for field in PER_ITEM)  # figures cached before PER_ITEM existed are redone
+    items = eval_config.downstream_items
+    if complete and (not items or cached.get("downstream_items") == items):
         return cached
-    _, heldout, _ = load_training_pairs(train_config)
     model = load_causal_lm(train_config.model, trust_remote_code=train_config.trust_remote_code)
     tokenizer = load_tokenizer(train_config.model, trust_remote_code=train_config.trust_remote_code)
-    result = quick_eval(model, tokenizer, heldout, eval_config, progress=progress)
+    result = cached
+    if not complete:
+        _, heldout, _ = load_training_pairs(train_config)
+        result = quick_eval(model, tokenizer, heldout, replace(eval_config, downstream_items=0), progress=progress)
+    if items:
+        result |= downstream_accuracy(model, tokenizer, items, eval_config.batch_size, progress)
+        result["downstream_items"] = items
     atomic_write_json(path, result)
     return result
 
@@ -106,8 +141,21 @@ def change_intervals(base: dict[str, Any], trained: dict[str, Any]) -> dict[str,
     toxicity = paired_relative_change(base["greedy_scores"], trained["greedy_scores"])
     fluency = paired_perplexity_change(base["wikitext2_window_nll"], trained["wikitext2_window_nll"],
                                        trained["wikitext2_window_tokens"])
-    return {"toxicity_change_low": toxicity.low, "toxicity_change_high": toxicity.high,
-            "ppl_change_low": fluency.low, "ppl_change_high": fluency.high}
+    intervals = {"toxicity_change_low": toxicity.low, "toxicity_change_high": toxicity.high,
+                 "ppl_change_low": fluency.low, "ppl_change_high": fluency.high}
+    return intervals | downstream_change(base, trained)
+
+
+def downstream_change(base: dict[str, Any], trained: dict[str, Any]) -> dict[str, float]:
+    """The downstream accuracy change (trained - base, in accuracy points) with its 95% paired bootstrap interval
+    over the questions; empty when either side was not measured."""
+    from cpwb.core.stats import paired_mean_difference
+
+    if "downstream_correct" not in base or "downstream_correct" not in trained:
+        return {}
+    change = paired_mean_difference(base["downstream_correct"], trained["downstream_correct"])
+    return {"downstream_change": change.value, "downstream_change_low": change.low,
+            "downstream_change_high": change.high}
 
 
 def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig | None = None,
@@ -135,6 +183,7 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
         "toxicity_change": trained["greedy_toxicity"] / base["greedy_toxicity"] - 1,
         "ppl_change": trained["wikitext2_ppl"] / base["wikitext2_ppl"] - 1,
         **change_intervals(base, trained),
+        **({"downstream_items": eval_config.downstream_items} if eval_config.downstream_items else {}),
         "device": device_name(), "versions": code,  # where and with which code (git commit) it ran
     }
     atomic_write_json(done, summary)
@@ -184,5 +233,49 @@ def rescore_point(folder: str | Path, scorer, batch_size: int = 64, progress: bo
     if own:
         added.pop("toxicity_change")  # the recorded change stands (it is the same figure)
     result.update(added)
+    atomic_write_json(path, result)
+    return added
+
+
+def add_downstream(folder: str | Path, items: int, batch_size: int = 16, cache_root: str | Path = "outputs/base-eval",
+                   progress: bool = False) -> dict[str, Any]:
+    """Measure the downstream accuracy change of a finished point from its saved artefact (`adapter/`: a LoRA
+    adapter, a weight edit, a steering vector or DExperts experts), against its base model's cached figures; the
+    point gains `downstream_change` with its interval, its `trained`/`base` accuracies and `downstream_items`.
+    Returns the fields added (empty when the point has them for this count already)."""
+    import dataclasses
+
+    from cpwb.core.errors import InputError
+    from cpwb.engine.adapters import load_adapter
+    from cpwb.engine.dexperts import is_dexperts
+    from cpwb.engine.interventions import is_intervention
+
+    folder = Path(folder)
+    path = folder / "result.json"
+    if not path.is_file():
+        raise InputError("not a sweep point or tuning trial (no result.json)", folder)
+    result = json.loads(path.read_text(encoding="utf-8"))
+    if result.get("downstream_items") == items and "downstream_change" in result:
+        return {}
+    artefact = folder / "adapter"
+    if not artefact.is_dir():
+        raise InputError("no saved artefact to evaluate (adapter/ is missing: the sweep did not keep it)", folder,
+                         field="adapter")
+    if not ((artefact / "adapter_config.json").is_file() or is_intervention(artefact) or is_dexperts(artefact)):
+        raise InputError("holds no LoRA adapter (adapter_config.json), intervention or DExperts experts", artefact,
+                         field="adapter")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_config = TrainConfig(**{k: v for k, v in result["config"].items() if k in known})
+    sizes = {f.name for f in dataclasses.fields(QuickEvalConfig)}
+    eval_config = QuickEvalConfig(**{**{k: v for k, v in result.get("eval", {}).items() if k in sizes},
+                                     "downstream_items": items})  # the recorded sizes: the base's cache key
+    base = base_eval(train_config, eval_config, cache_root, progress)
+    model, tokenizer = load_adapter(artefact, train_config.model, "cpu", train_config.trust_remote_code)
+    trained = downstream_accuracy(model.eval(), tokenizer, items, batch_size, progress)
+    keys = ("hellaswag_acc", "piqa_acc", "downstream_acc", "downstream_correct")
+    result["base"].update({k: base[k] for k in keys})
+    result["trained"].update(trained)
+    added = {**downstream_change(base, trained), "downstream_items": items}
+    result.update(added)  # not under "eval": the point's settings stay those it ran with
     atomic_write_json(path, result)
     return added
