@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -176,6 +177,24 @@ def test_lm_eval_protocol_runs_lm_evaluation_harness_on_the_shipped_data(tiny_lm
         assert table[task, "n_items"] == 3
         assert all(0 <= table[task, m] <= 1 and table[task, f"{m}_stderr"] >= 0 for m in ("acc", "acc_norm"))
         assert table[task, "acc"] * 3 == pytest.approx(round(table[task, "acc"] * 3))  # a share of 3 items
+    # every question's outcome is kept, and lm-eval's acc / acc_norm follow from its log-likelihoods and lengths
+    questions = pd.read_json(tmp_path / "items" / "lm_eval.jsonl", lines=True)
+    assert sorted(questions.groupby("task").size().items()) == [("hellaswag", 3), ("piqa", 3)]
+    for row in questions.itertuples():
+        loglik, chars = np.array(row.loglik), np.array(row.choice_chars, dtype=float)
+        assert len(loglik) == len(chars) == (4 if row.task == "hellaswag" else 2) and (chars > 0).all()
+        assert row.acc == float(np.argmax(loglik) == row.gold)
+        assert row.acc_norm == float(np.argmax(loglik / chars) == row.gold)
+    for (task, metric), value in table.items():
+        if metric in ("acc", "acc_norm"):
+            assert questions[questions.task == task][metric].mean() == pytest.approx(value)
+    # so the report bootstraps over questions and pairs two folders on them
+    from cpwb.analysis.report import figure_intervals, paired_differences
+
+    found = figure_intervals(tmp_path).query("protocol == 'lm_eval'")
+    assert len(found) == 4 and (found.low <= found.high).all()
+    paired = paired_differences({"base": tmp_path, "again": tmp_path}).query("protocol == 'lm_eval'")
+    assert sorted(paired.split) == ["hellaswag", "hellaswag", "piqa", "piqa"] and (paired.difference == 0).all()
 
 
 def test_an_lm_eval_task_file_with_a_missing_field_is_refused_in_one_line(tmp_path):

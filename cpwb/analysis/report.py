@@ -107,6 +107,11 @@ def item_values(folder: str | Path, protocol: str, metric: str) -> dict[str, tup
         if column is None:
             return {}
         return {subset: (part.index, [part.to_numpy(dtype=float)]) for subset, part in column.groupby(level=0)}
+    if protocol == "lm_eval":  # one item per question of each task; older folders kept lm-eval's aggregates only
+        if metric not in ("acc", "acc_norm") or "id" not in table:
+            return {}
+        return {task: (pd.Index(part.id.astype(str)), [part[metric].to_numpy(dtype=float)])
+                for task, part in table.groupby("task", sort=False)}
     keys = {"greedy": "prompt", "toxigen": "id", "blackbox": "input", "phi_gap": "id", "hellaswag": "id",
             "piqa": "id", "wikitext2": "window"}
     split = {"greedy": "challenging", "toxigen": "all", "blackbox": "challenging", "phi_gap": "heldout",
@@ -128,8 +133,8 @@ def item_values(folder: str | Path, protocol: str, metric: str) -> dict[str, tup
 
 def figure_intervals(folder: str | Path) -> pd.DataFrame:
     """The 95% bootstrap interval over items of every figure a folder holds per item (means over prompts,
-    statements, pairs, questions; perplexity resampling whole windows), and lm-eval's figures as +-1.96 of
-    their standard errors: one row per (protocol, split, metric) with low and high."""
+    statements, pairs, questions; perplexity resampling whole windows), and lm-eval's figures without
+    per-question outcomes as +-1.96 of their standard errors: one row per (protocol, split, metric)."""
     from cpwb.core import stats
 
     rows = []
@@ -142,7 +147,9 @@ def figure_intervals(folder: str | Path) -> pd.DataFrame:
     for row in metrics[metrics.protocol == "lm_eval"].to_dict("records") if len(metrics) else []:
         errors = metrics[(metrics.protocol == "lm_eval") & (metrics.split == row["split"])
                          & (metrics.metric == f"{row['metric']}_stderr")].value
-        if row["metric"] in ("acc", "acc_norm") and len(errors):
+        done = any(r["protocol"] == "lm_eval" and r["split"] == row["split"] and r["metric"] == row["metric"]
+                   for r in rows)
+        if row["metric"] in ("acc", "acc_norm") and len(errors) and not done:
             rows.append({"protocol": "lm_eval", "split": row["split"], "metric": row["metric"],
                          "low": row["value"] - 1.96 * errors.iloc[0], "high": row["value"] + 1.96 * errors.iloc[0]})
     return pd.DataFrame(rows, columns=["protocol", "split", "metric", "low", "high"])

@@ -2,16 +2,18 @@
 
 lm-eval's own HellaSwag and PIQA tasks read their datasets from the hub. Here each task is a local task file
 that keeps lm-eval's prompt, choices and metrics (acc: summed log-likelihood; acc_norm: normalised by the choice's
-length in bytes) and reads the shipped data through the `json` dataset builder:
+length in characters) and reads the shipped data through the `json` dataset builder:
 
 - `cpwb_hellaswag`: lm-eval's `hellaswag` (query `activity_label: ctx`, the endings as choices) on the shipped
   1,000-item seeded sample of the validation set. The shipped text is preprocessed as lm-eval's `preprocess`
   does, except that lm-eval also capitalises `ctx_b`.
 - `cpwb_piqa`: lm-eval's `piqa` (`Question: {goal}\\nAnswer:`, choices sol1/sol2) on the full PIQA dev set (1,838).
 
-The model is the in-memory one (base, or base with its LoRA adapter) wrapped by lm-eval's `HFLM`. cpwb's own
-`hellaswag`/`piqa` protocols stay as the fast smoke test: they normalise per token rather than per byte and
-put a space before each choice, so their numbers are close to but not lm-eval's (docs/evaluation.md).
+The model is the in-memory one (base, or base with its LoRA adapter) wrapped by lm-eval's `HFLM`. Besides lm-eval's
+aggregates, every question's outcome is kept (from lm-eval's logged samples: the choices' log-likelihoods and
+lengths, acc and acc_norm), so the report bootstraps intervals over questions and pairs base and adapter on them.
+cpwb's own `hellaswag`/`piqa` protocols stay as the fast smoke test: they normalise per token rather than per
+character and put a space before each choice, so their numbers are close to but not lm-eval's (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -82,11 +84,14 @@ def check_task_file(path: str | Path) -> dict[str, Any]:
 
 
 def run_harness(model, tokenizer, tasks: tuple[str, ...] = ("hellaswag", "piqa"), limit: int | None = None,
-                batch_size: int = 16, task_files: list[str | Path] | None = None) -> pd.DataFrame:
-    """acc and acc_norm (with lm-eval's standard errors) of the in-memory model on each task, one row per metric.
+                batch_size: int = 16, task_files: list[str | Path] | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """lm-eval on the in-memory model: its figures and its questions.
 
-    `task_files`: extra lm-eval task files (checked for their required fields first); `limit`: the first items
-    of each task (None: all)."""
+    Figures: acc and acc_norm with lm-eval's standard errors, one row per (task, metric). Questions: one row per
+    (task, question) with lm-eval's acc and acc_norm, the gold index, each choice's log-likelihood and length in
+    characters (acc_norm's divisor). `task_files`: extra lm-eval task files (checked for their required fields first);
+    `limit`: the first items of each task (None: all)."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -103,13 +108,25 @@ def run_harness(model, tokenizer, tasks: tuple[str, ...] = ("hellaswag", "piqa")
         manager = TaskManager(include_path=folder, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         output = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, bootstrap_iters=1000,
-                                 log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    rows = []
+                                 log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    figures, questions = [], []
     for name in names:
+        task = name.removeprefix("cpwb_")
         result = output["results"][name]
         n = output.get("n-samples", {}).get(name, {}).get("effective")
         for metric in ("acc", "acc_norm"):
-            rows.append({"task": name.removeprefix("cpwb_"), "metric": metric, "value": result[f"{metric},none"],
-                         "stderr": result.get(f"{metric}_stderr,none"), "n_items": n,
-                         "published": PUBLISHED.get(name.removeprefix("cpwb_")) if metric == "acc_norm" else None})
-    return pd.DataFrame(rows)
+            figures.append({"task": task, "metric": metric, "value": result[f"{metric},none"],
+                            "stderr": result.get(f"{metric}_stderr,none"), "n_items": n,
+                            "published": PUBLISHED.get(task) if metric == "acc_norm" else None})
+        questions += [_question(task, sample) for sample in output.get("samples", {}).get(name, [])]
+    return pd.DataFrame(figures), pd.DataFrame(questions)
+
+
+def _question(task: str, sample: dict[str, Any]) -> dict[str, Any]:
+    """One lm-eval logged sample of a multiple-choice task as a row: outcome, log-likelihoods, byte lengths."""
+    # per choice (context, " " + choice): lm-eval prefixes its target delimiter, a space, and divides by len(choice)
+    choices = [arguments[1].removeprefix(" ") for arguments in sample["arguments"]]
+    return {"task": task, "id": int(sample["doc_id"]), "gold": sample["target"],
+            "acc": float(sample["acc"]), "acc_norm": float(sample["acc_norm"]),
+            "loglik": [float(resp[0]) for resp in sample["filtered_resps"]],
+            "choice_chars": [len(choice) for choice in choices]}

@@ -162,19 +162,20 @@ def _blackbox(ev: Evaluation) -> ProtocolOutput:
 
 
 def _lm_eval(ev: Evaluation) -> ProtocolOutput:
-    """lm-evaluation-harness tasks on the shipped data: acc and acc_norm as lm-eval defines them."""
+    """lm-evaluation-harness tasks on the shipped data: acc and acc_norm as lm-eval defines them; the per-item
+    table holds every question's outcome."""
     from cpwb.steps.evaluation.harness import run_harness
 
     cfg = ev.config
-    table = run_harness(ev.model, ev.tokenizer, tuple(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.batch_size,
-                        cfg.lm_eval_task_files)
+    figures, questions = run_harness(ev.model, ev.tokenizer, tuple(cfg.lm_eval_tasks), cfg.lm_eval_limit,
+                                     cfg.batch_size, cfg.lm_eval_task_files)
     parts = []
-    for task, rows in table.groupby("task", sort=False):
+    for task, rows in figures.groupby("task", sort=False):
         values = {f"{m}{suffix}": v for m, value, stderr in zip(rows.metric, rows.value, rows.stderr)
                   for suffix, v in (("", value), ("_stderr", stderr)) if v is not None}
         data = {"hellaswag": ("hellaswag",), "piqa": ("piqa", "piqa_labels")}.get(task, ())
         parts.append(Part(task, data, {**values, "n_items": int(rows.n_items.iloc[0] or 0)}))
-    return parts, table
+    return parts, questions
 
 
 # name -> (protocol, the settings its numbers depend on besides model, adapter, scorer, seed and batch size)
