@@ -181,3 +181,35 @@ def test_cpwb_report_writes_the_page_of_named_folders_and_refuses_a_non_evaluati
     assert "Differences from the base model" in page and (tmp_path / "page" / "figures" / "plotly.min.js").is_file()
     assert main(["report", f"base={tmp_path}", "--out", str(tmp_path / "x.html")]) == 2
     assert "no metrics.json" in capsys.readouterr().err and not (tmp_path / "x.html").exists()
+
+
+def _lm_eval_evaluation(folder, adapter: str, correct: list[int]) -> None:
+    """A fake lm_eval evaluation folder with one row per PIQA question."""
+    record = {"model": "default", "adapter": adapter, "scorer": "bilstm", "data_hash": "h", "seed": 0}
+    acc = sum(correct) / len(correct)
+    write_metrics([{"metric": "acc", "value": acc, "protocol": "lm_eval", "split": "piqa", **record},
+                   {"metric": "acc_stderr", "value": 0.1, "protocol": "lm_eval", "split": "piqa", **record}], folder)
+    questions = pd.DataFrame({"task": "piqa", "id": range(len(correct)), "gold": 0, "acc": correct,
+                              "acc_norm": correct})
+    atomic_write_text(folder / "items" / "lm_eval.jsonl", questions.to_json(orient="records", lines=True))
+
+
+def test_a_name_given_several_folders_shows_one_models_presets_in_one_column(run_dir, tmp_path, capsys):
+    from cpwb.app.cli import main
+
+    _lm_eval_evaluation(run_dir / "lm-eval" / "base", "", [1, 1, 0, 1, 0, 1, 1, 0])
+    _lm_eval_evaluation(run_dir / "lm-eval" / "cp", "train/adapter", [1, 0, 0, 1, 0, 1, 1, 0])
+    folders = _folders(run_dir)
+    out = tmp_path / "page" / "report.html"
+    assert main(["report", f"base={folders['base']}", f"CP={folders['CP']}", f"base={run_dir / 'lm-eval' / 'base'}",
+                 f"CP={run_dir / 'lm-eval' / 'cp'}", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "lm-eval acc, zero-shot" in page and "greedy continuation toxicity" in page
+    printed = capsys.readouterr().out  # the paired differences: both presets' protocols, one column per model
+    assert "lm-eval acc" in printed and "-0.125" in printed and "greedy continuation toxicity" in printed
+    # the same protocol in two folders, or another model's folder under the same name: one line each, no page
+    for extra, reason in ((folders["base"], "one folder per protocol"),
+                          (run_dir / "lm-eval" / "cp", "one model per report column")):
+        assert main(["report", f"base={folders['base']}", f"base={extra}", "--out", str(tmp_path / "x.html")]) == 2
+        error = capsys.readouterr().err
+        assert reason in error and len(error.strip().splitlines()) == 1 and not (tmp_path / "x.html").exists()

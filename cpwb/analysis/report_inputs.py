@@ -73,3 +73,44 @@ def read_generation_costs(run_dir: str | Path) -> dict[str, float]:
 
     path = Path(run_dir) / "peers" / "generation.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def merge_evaluations(folders: list[str | Path], into: str | Path) -> Path:
+    """One model's evaluations in several folders (e.g. its `lee2024`, `rtp25` and `toxigen` presets) as one
+    evaluation folder `into`, so the report shows them in one column: metrics.json concatenated, per-item tables
+    linked, the first folder's evaluate_config.json.
+
+    Refused in one line when the folders evaluate different models or adapters, or two of them hold the same
+    protocol (the report could not tell which figure to show). Nothing is written then."""
+    import json
+    import os
+
+    from cpwb.core.errors import InputError
+    from cpwb.core.files import atomic_write_json
+
+    folders = [Path(f) for f in folders]
+    rows, owner, models = [], {}, {}
+    for folder in folders:
+        found = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        models[folder] = {(r.get("model"), r.get("adapter") or "") for r in found}
+        for protocol in sorted({r["protocol"] for r in found}):
+            if protocol in owner:
+                raise InputError(f"{owner[protocol]} holds protocol {protocol!r} too: one folder per protocol",
+                                 folder)
+            owner[protocol] = folder
+        rows += found
+    first = folders[0]
+    for folder in folders[1:]:
+        if models[folder] != models[first]:
+            raise InputError(f"another model or adapter than {first} ({sorted(models[first])[0]} vs "
+                             f"{sorted(models[folder])[0]}): one model per report column", folder)
+    into = Path(into)
+    for folder in folders:
+        for table in sorted(folder.glob("continuations/*.jsonl")) + sorted(folder.glob("items/*.jsonl")):
+            (into / table.parent.name).mkdir(parents=True, exist_ok=True)
+            os.symlink(table.resolve(), into / table.parent.name / table.name)
+    atomic_write_json(into / "metrics.json", rows)
+    if (first / "evaluate_config.json").is_file():
+        atomic_write_json(into / "evaluate_config.json",
+                          json.loads((first / "evaluate_config.json").read_text(encoding="utf-8")))
+    return into

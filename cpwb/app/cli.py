@@ -118,18 +118,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """report.html of evaluation folders: metrics with intervals, differences from the base, scorer agreement."""
+    """report.html of evaluation folders: metrics with intervals, differences from the base, scorer agreement.
+    A name given several folders (one model's presets) shows them in one column."""
+    import tempfile
+
     from cpwb.analysis.report import build_report, write_report
+    from cpwb.analysis.report_inputs import merge_evaluations
     from cpwb.core.errors import InputError
 
-    folders = {}
+    named: dict[str, list[str]] = {}
     for item in args.folders:
         name, _, folder = item.rpartition("=")
         if not (Path(folder) / "metrics.json").is_file():
             raise InputError("not an evaluation folder (no metrics.json)", folder)
-        folders[name or Path(folder).name] = folder
-    report = build_report(folders)
-    path = write_report(args.out, report, title=args.title or f"cpwb evaluation: {', '.join(folders)}")
+        named.setdefault(name or Path(folder).name, []).append(folder)
+    with tempfile.TemporaryDirectory(prefix="cpwb-report-") as scratch:
+        folders = {name: paths[0] if len(paths) == 1 else merge_evaluations(paths, Path(scratch) / str(index))
+                   for index, (name, paths) in enumerate(named.items())}
+        report = build_report(folders)
+        path = write_report(args.out, report, title=args.title or f"cpwb evaluation: {', '.join(folders)}")
     print(report.differences.round(4).to_string(index=False) if len(report.differences) else "", f"\nreport: {path}")
     return 0
 
@@ -230,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     reporter = sub.add_parser("report", help="report.html of evaluation folders (the first named `base` is the "
                               "baseline of the paired differences)")
     reporter.add_argument("folders", nargs="+", metavar="[NAME=]FOLDER", help="evaluation folders, e.g. base=outputs/"
-                          "lee2024/eval-base CP=outputs/lee2024/eval-cp-seed0")
+                          "lee2024/eval-base CP=outputs/lee2024/eval-cp-seed0; a name repeated with other folders of "
+                          "the same model (its other presets) adds their protocols to its column")
     reporter.add_argument("--out", required=True, help="the report.html to write (figures/ beside it)")
     reporter.add_argument("--title", help="the page title")
     reporter.set_defaults(func=cmd_report)
