@@ -3,6 +3,7 @@ reversible, saved and loaded as a run's adapter, and refuse impossible settings 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,6 +324,25 @@ def test_data_figure_orders_pair_counts_with_all_last_and_averages_seeds():
     cp = [t for t in fig.data if t.name == "CP" and t.showlegend][0]
     assert list(cp.x) == ["50", "200", "all"]
     assert cp.y[0] == pytest.approx(100 * (-0.15 + 0.005))
+
+
+def test_one_data_grid_gives_both_figures_sharing_the_all_pairs_unswapped_point():
+    import pandas as pd
+
+    from cpwb.analysis import peers as compare
+    from cpwb.app.sweep import expand, load_grid
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / "peers_data.yaml")
+    variants = {p.variant for p in expand(grid)}
+    assert len(variants) == 15  # 3 methods x (3 sizes + 2 swap shares): the common point is held once
+    rows = [{"status": "completed", "objective": "cp", "train_pairs_limit": n, "swap_fraction": f, "seed": 0,
+             "toxicity_change": -0.5 + f - n / 1000, "ppl_change": 0.01}
+            for n, f in ((50, 0.0), (200, 0.0), (0, 0.0), (0, 0.2), (0, 0.4))]
+    size = [t for t in compare.data_figure(pd.DataFrame(rows), "train_pairs_limit").data if t.showlegend][0]
+    noise = [t for t in compare.data_figure(pd.DataFrame(rows), "swap_fraction").data if t.showlegend][0]
+    assert list(size.x) == ["50", "200", "all"] and list(noise.x) == ["0", "0.2", "0.4"]
+    assert list(noise.y) == pytest.approx([-50.0, -30.0, -10.0])  # the swapped rows never enter the size curve
+    assert list(size.y) == pytest.approx([-55.0, -70.0, -50.0])
 
 
 # ------------------------------------------------------------------------------------------------ the RL baseline

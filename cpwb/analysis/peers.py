@@ -150,12 +150,21 @@ def comparison_figure(points: pd.DataFrame) -> go.Figure:
     return fig
 
 
+DATA_SETTINGS = {"train_pairs_limit": 0, "swap_fraction": 0.0}  # each data setting's default: all pairs, none swapped
+
+
 def data_figure(frame: pd.DataFrame, setting: str) -> go.Figure:
     """Toxicity and perplexity change per method over a data setting (`train_pairs_limit`: 0 shown as "all";
-    `swap_fraction`), mean ± std over seeds: the sample-efficiency and label-noise sweeps (configs/peers_*.yaml)."""
+    `swap_fraction`), mean ± std over seeds: the sample-efficiency and label-noise sweeps (configs/peers_data.yaml).
+
+    Only rows whose other data setting is at its default are drawn, so one grid holds both sweeps and shares their
+    common point (all pairs, none swapped)."""
     from plotly.subplots import make_subplots
 
     done = frame[(frame.status == "completed") & frame[setting].notna()].copy()
+    for other, default in DATA_SETTINGS.items():
+        if other != setting and other in done:
+            done = done[done[other].fillna(default).astype(float) == default]
     done["_x"] = done[setting].astype(float)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("greedy toxicity change (%)",
                                                         "WikiText-2 perplexity change (%)"))
