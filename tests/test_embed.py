@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 
-from cpwb.engine.embeddings import hidden_states, model_embeddings, model_fingerprint, resolve_layers
 from cpwb.analysis.maps import (
     adapter_run,
     layer_sweep,
@@ -19,6 +18,7 @@ from cpwb.analysis.maps import (
 )
 from cpwb.core.errors import InputError
 from cpwb.data.pairs import NON_TOXIC, TOXIC, PairRecord, PairText, pair_texts
+from cpwb.engine.embeddings import hidden_states, model_embeddings, model_fingerprint, resolve_layers
 from cpwb.steps.training.batches import load_training_pairs
 from cpwb.steps.training.config import TrainConfig
 from tests.conftest import make_tiny_lm

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 import yaml
+from scipy.stats import chisquare
 
 from cpwb.core.config import from_dict, load_yaml_config
 from cpwb.core.errors import AssetError, ConfigError

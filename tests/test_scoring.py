@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from cpwb.core.errors import AssetError, InputError
 from cpwb.engine import bilstm as toxicity_lstm
 from cpwb.engine.bilstm import RestrictedUnpickler, load_bilstm
-from cpwb.engine.scoring import BiLSTMScorer, SentenceEmbedder, ToxicityScorer, available_scorers, load_toxicity_scorer
+from cpwb.engine.scoring import BiLSTMScorer, SentenceEmbedder, available_scorers, load_toxicity_scorer
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "scoring_reference.json").read_text(encoding="utf-8"))
