@@ -123,6 +123,7 @@ def test_a_fit_from_warm_embeddings_reports_the_cold_embedding_cost(tiny_setup, 
     ({"objective": "steering", "steering_layer": 2}, "steering_layer"),
     ({"objective": "steering", "steering_layer": -1}, "steering_layer"),
     ({"objective": "profs", "edit_layers": [0, 7]}, "edit_layers"),
+    ({"objective": "profs", "edit_first_layer": 7}, "edit_first_layer"),
     ({"objective": "profs", "edit_rank": 65}, "edit_rank"),
 ])
 def test_impossible_peer_settings_fail_naming_the_setting_and_write_nothing(tiny_setup, tmp_path, overrides,  # noqa
@@ -131,6 +132,18 @@ def test_impossible_peer_settings_fail_naming_the_setting_and_write_nothing(tiny
         train(peer_config(tiny_setup, tmp_path / "run", **overrides))
     assert err.value.field == field_name
     assert not (tmp_path / "run").exists()
+
+
+def test_edit_first_layer_edits_from_that_block_to_the_last_and_excludes_edit_layers():
+    from cpwb.steps.training.editing import chosen_layers
+
+    assert chosen_layers(TrainConfig(objective="profs", edit_first_layer=5), blocks=8, hidden=64) == [5, 6, 7]
+    assert chosen_layers(TrainConfig(objective="profs"), blocks=8, hidden=64) == [4, 5, 6, 7]
+    with pytest.raises(ConfigError) as err:
+        chosen_layers(TrainConfig(objective="profs", edit_first_layer=5, edit_layers=[6]), blocks=8, hidden=64)
+    assert err.value.field == "edit_first_layer"
+    with pytest.raises(ConfigError, match="edit_first_layer"):
+        from_dict(TrainConfig, {"objective": "profs", "edit_first_layer": -1})
 
 
 def test_a_negative_steering_strength_is_refused_in_the_config():

@@ -21,8 +21,8 @@ from cpwb.analysis.ablations import SECOND_SCORER, pareto_front
 TRAINED = {"base": "CP", "objective=dpo": "DPO", "objective=simpo": "SimPO"}
 PEER_NAMES = {"profs": "ProFS", "steering": "steering", "dexperts": "DExperts", "grpo": "GRPO (RL)"}
 # each training-free method's strength knob (its curve) and the settings that make another curve
-KNOBS = {"profs": ("edit_rank", ("edit_layers",)), "steering": ("steering_strength", ("steering_layer",)),
-         "dexperts": ("dexperts_alpha", ())}
+KNOBS = {"profs": ("edit_rank", ("edit_layers", "edit_first_layer")),
+         "steering": ("steering_strength", ("steering_layer",)), "dexperts": ("dexperts_alpha", ())}
 # methods whose artefact is a LoRA adapter of CP's shape: generation costs what CP's adapter costs
 LORA_METHODS = ("DPO", "SimPO", "GRPO (RL)")
 DOWNSTREAM = ("downstream_change", "downstream_change_low", "downstream_change_high")  # `cpwb sweep --downstream`
@@ -50,7 +50,7 @@ def _setting(row: pd.Series, names: tuple[str, ...]) -> str:
         if isinstance(value, str) and value.startswith("[") and value != "[]":
             parts.append(f"blocks {_blocks(value)}")
         elif value is not None and not isinstance(value, str) and pd.notna(value):
-            parts.append(f"block {int(value)}")
+            parts.append(f"blocks {int(value)}-last" if name == "edit_first_layer" else f"block {int(value)}")
     return ", ".join(parts) or "default"
 
 

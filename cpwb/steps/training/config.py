@@ -78,6 +78,8 @@ class TrainConfig:
                                 "paper's k)", check=">=1")
     edit_layers: list[int] = setting([], "ProFS: the blocks edited; []: the upper half (the paper edits GPT-2 "
                                          "medium's blocks 10-23 of 24)")
+    edit_first_layer: int | None = setting(None, "ProFS: edit the blocks from this one to the last (one number, "
+                                                 "for tuning studies); null: as edit_layers says", check=">=0")
     edit_centering: bool = setting(True, "ProFS: project the corpus-wide direction (top singular vector of the "
                                          "non-toxic embeddings) out of the preference matrix first")
     edit_length_control: bool = setting(False, "ProFS: regress the pairs' token-count difference out of the "

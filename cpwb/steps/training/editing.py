@@ -47,6 +47,11 @@ def chosen_layers(config: TrainConfig, blocks: int, hidden: int) -> list[int]:
     if config.objective == "profs":
         if config.edit_rank > hidden:
             raise ConfigError(f"{config.edit_rank} is larger than the hidden size ({hidden})", field="edit_rank")
+        if config.edit_first_layer is not None:
+            if config.edit_layers:
+                raise ConfigError("give edit_layers or edit_first_layer, not both", field="edit_first_layer")
+            check_layers([config.edit_first_layer], blocks, "edit_first_layer")
+            return list(range(config.edit_first_layer, blocks))
         layers = list(config.edit_layers) or list(range(blocks // 2, blocks))
         check_layers(layers, blocks, "edit_layers")
         return layers
