@@ -221,6 +221,10 @@ def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_
     peers["toxicity_change_high:bilstm-tcc"] = -0.1
     second = compare.comparison_table(compare.method_points(grid, peers))["toxicity change, bilstm-tcc"]
     assert second.tolist() == ["—"] * 2 + ["-30% [-50, -10]"] * 5  # CP and DPO were not rescored here
+    grid["downstream_change"] = [-0.01, 0.02, None, None, None, None]  # measured on 2 of CP's 3 seeds only
+    grid["downstream_change_low"], grid["downstream_change_high"] = -0.05, 0.05
+    downstream = compare.comparison_table(compare.method_points(grid, peers))["downstream change"]
+    assert downstream.iloc[0] == "+0.5 ± 2.1 pts (2 of 3 seeds)" and downstream.iloc[1] == "—"
 
 
 def test_generation_costs_take_each_methods_latest_run_and_lora_methods_share_cps():

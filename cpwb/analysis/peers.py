@@ -85,6 +85,16 @@ def _cell(values: pd.Series, low: pd.Series, high: pd.Series, digits: int = 0, u
     return f"{v.iloc[0]:+{f}}{unit}"
 
 
+def _measured_cell(part: pd.DataFrame, columns: tuple[str, str, str], digits: int = 0, unit: str = "%") -> str:
+    """`_cell` over the seeds where a figure measured after the fact (second scorer, downstream) is there, saying
+    how many of the seeds that is; "—" with none."""
+    have = part[part[columns[0]].notna()]
+    if not len(have):
+        return "—"
+    cell = _cell(*(have[c] for c in columns), digits, unit)
+    return cell if len(have) == len(part) else f"{cell} ({len(have)} of {len(part)} seeds)"
+
+
 def generation_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
     """Method -> CPU seconds per 1,000 generated tokens, from benchmarks/method_cost.py's rows of a
     benchmarks/results.csv (each method's latest run, median over its repeats). DPO, SimPO and GRPO train LoRA
@@ -108,11 +118,11 @@ def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None =
             "method": method, "setting": setting if not knob else f"{setting}; {knob}={value:g}",
             "seeds": len(part),
             "toxicity change": _cell(part.toxicity_change, part.toxicity_change_low, part.toxicity_change_high),
-            **({f"toxicity change, {SECOND_SCORER}": _cell(*(part[c] for c in SECOND))
-                if part[SECOND[0]].notna().all() else "—"} if points[SECOND[0]].notna().any() else {}),
+            **({f"toxicity change, {SECOND_SCORER}": _measured_cell(part, SECOND)}
+               if points[SECOND[0]].notna().any() else {}),
             "perplexity change": _cell(part.ppl_change, part.ppl_change_low, part.ppl_change_high, 1),
-            **({"downstream change": _cell(*(part[c] for c in DOWNSTREAM), 1, " pts")
-                if part[DOWNSTREAM[0]].notna().all() else "—"} if points[DOWNSTREAM[0]].notna().any() else {}),
+            **({"downstream change": _measured_cell(part, DOWNSTREAM, 1, " pts")}
+               if points[DOWNSTREAM[0]].notna().any() else {}),
             "similarity": f"{part.similarity.astype(float).mean():.3f}",
             "fit seconds": f"{part.train_seconds.astype(float).mean():.0f}",
             **({"generation s / 1k tokens": f"{generation[method]:.1f}" if method in generation else "—"}
