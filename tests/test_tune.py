@@ -202,6 +202,21 @@ def test_shipped_studies_load_with_the_same_budget_and_objectives():
     assert len({json.dumps({k: v for k, v in s.base.items()}, sort_keys=True) for s in specs}) == 1
 
 
+def test_every_shipped_study_parameter_is_suggested_by_a_real_trial_within_its_range():
+    from cpwb.app.study import distributions
+    from cpwb.app.tune import _suggest
+
+    for path in sorted(Path("configs/tuning").glob("*.yaml")):  # log-uniform integers (ProFS's rank) included
+        space = distributions(load_study_spec(path))
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(3):
+            trial = study.ask()
+            for name, distribution in space.items():
+                value = _suggest(trial, name, distribution)
+                assert distribution._contains(distribution.to_internal_repr(value)), (path.name, name, value)
+            study.tell(trial, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------- comparison
 
 

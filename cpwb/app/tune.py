@@ -83,9 +83,11 @@ def _suggest(trial, name: str, distribution) -> Any:
 
     if isinstance(distribution, od.CategoricalDistribution):
         return trial.suggest_categorical(name, distribution.choices)
-    suggest = trial.suggest_int if isinstance(distribution, od.IntDistribution) else trial.suggest_float
+    if isinstance(distribution, od.IntDistribution):  # integers always carry a step (1 when log-uniform)
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                 log=distribution.log)
     step = None if distribution.log else distribution.step
-    return suggest(name, distribution.low, distribution.high, step=step, log=distribution.log)
+    return trial.suggest_float(name, distribution.low, distribution.high, step=step, log=distribution.log)
 
 
 def constraint_values(spec: StudySpec, metrics: dict[str, float]) -> dict[str, float]:
