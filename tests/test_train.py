@@ -88,12 +88,14 @@ def test_texts_land_in_their_anchor_slots():
 def test_general_kl_texts_join_the_batch_but_no_loss_slot():
     import random
 
-    records = [PairRecord(id="a", anchor="x", positives=(PairText("p0", "human"),), negatives=(PairText("n0", "human"),))]
+    records = [PairRecord(id="a", anchor="x", positives=(PairText("p0", "human"),),
+                          negatives=(PairText("n0", "human"),))]
     config = TrainConfig(kl_data="general", kl_texts_per_step=2)
     batch = build_anchor_batch(records, [0], config, random.Random(0), general=["g0", "g1", "g2"])
     assert batch.role == ["pos", "neg", "kl", "kl"] and set(batch.texts[2:]) <= {"g0", "g1", "g2"}
     values = torch.arange(len(batch.texts), dtype=torch.float32)
-    assert to_slots(values, batch, "pos")[0].tolist() == [[0.0]] and to_slots(values, batch, "neg")[0].tolist() == [[1.0]]
+    assert to_slots(values, batch, "pos")[0].tolist() == [[0.0]]
+    assert to_slots(values, batch, "neg")[0].tolist() == [[1.0]]
 
 
 @pytest.mark.parametrize("objective", ["cp", "reference", "dpo", "simpo", "positives_only", "negatives_only"])

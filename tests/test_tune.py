@@ -17,6 +17,7 @@ import yaml
 
 from cpwb.analysis.tuning import best_under_budget, confirmation_table, fronts_figure, read_studies
 from cpwb.app.cli import main
+from cpwb.app.storage import open_storage
 from cpwb.app.study import load_study_spec
 from cpwb.app.tune import confirm, constraint_values, study_folder, work
 from cpwb.core.errors import ConfigError, CpwbError
@@ -65,7 +66,7 @@ def _executions(folder: Path) -> list[list[str]]:
 
 
 def _trials(url: str) -> list:
-    return optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    return optuna.load_study(study_name="s", storage=open_storage(url, 60, 0)).get_trials(deepcopy=False)
 
 
 def _tune(study: Path, root: Path, *extra: str) -> subprocess.Popen:
@@ -77,7 +78,7 @@ def _tune(study: Path, root: Path, *extra: str) -> subprocess.Popen:
 # ----------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.bad_input(8)
+@pytest.mark.bad_input  # one per case
 @pytest.mark.parametrize("change, field", [
     ({"space": {"lrr": {"low": 0.1, "high": 1.0}}}, "space.lrr"),  # not a setting
     ({"space": {"lr": {"low": 1.0e-3, "high": 1.0e-4}}}, "space.lr"),  # empty range
@@ -87,6 +88,8 @@ def _tune(study: Path, root: Path, *extra: str) -> subprocess.Popen:
     ({"objectives": {"perplexity": "minimize"}}, "objectives.perplexity"),
     ({"constraints": {"similarity": {"floor": 0.2}}}, "constraints.similarity"),
     ({"storage": "postgresql+psycopg://nobody@127.0.0.1:1/none"}, "storage"),  # nothing listens on port 1
+    ({"storage": "journal:///"}, "storage"),  # a journal without its file
+    ({"storage": "journal:////proc/cpwb-study.log"}, "storage"),  # a file that cannot be created
 ])
 def test_bad_study_fails_in_one_line_naming_the_field_and_writes_nothing(tmp_path, capsys, change, field):
     study = _study(tmp_path, **change)
@@ -139,10 +142,11 @@ def test_one_worker_runs_the_budget_writes_results_and_a_rerun_adds_nothing(tmp_
 
 
 @pytest.mark.notebook
-@pytest.mark.fault(1)
-def test_a_worker_killed_mid_trial_leaves_it_failed_and_retried_and_the_study_completes(tmp_path):
+@pytest.mark.fault  # one per storage kind
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_worker_killed_mid_trial_leaves_it_failed_and_retried_and_the_study_completes(tmp_path, kind):
     study = _study(tmp_path, trials=3, sleep=2.0)
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+    url = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else f"journal:///{tmp_path / 'study.log'}"
     first = _tune(study, tmp_path / "out", "--storage", url)
     kill_worker_mid_execution(first, lambda: _executions(tmp_path / "out"), 3)  # mid-trial: the notebook sleeps 2 s
     second = _tune(study, tmp_path / "out", "--storage", url)
@@ -180,6 +184,11 @@ def _two_workers_complete_the_budget_once(tmp_path: Path, url: str) -> None:
 @pytest.mark.notebook
 def test_two_local_workers_share_the_default_sqlite_storage_and_run_every_trial_once(tmp_path):
     _two_workers_complete_the_budget_once(tmp_path, f"sqlite:///{tmp_path / 'study.db'}")
+
+
+@pytest.mark.notebook
+def test_two_workers_share_a_journal_file_and_run_every_trial_once(tmp_path):
+    _two_workers_complete_the_budget_once(tmp_path, f"journal:///{tmp_path / 'shared' / 'study.log'}")
 
 
 @pytest.mark.notebook

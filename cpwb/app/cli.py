@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="Study file settings (StudySpec; see configs/tuning/):\n" + settings_help(StudySpec))
     tuner.add_argument("study", help="study YAML file (see configs/tuning/cp.yaml)")
     tuner.add_argument("--storage", help="Optuna storage URL, overriding the study file's (e.g. "
-                       "postgresql://user@host/db for workers on several machines)")
+                       "postgresql://user@host/db or journal:///shared/dir/study.log for workers on several machines)")
     tuner.add_argument("--jobs", type=int, default=1, help="local worker processes, the cores shared out (default 1)")
     tuner.add_argument("--worker-index", type=int, help="this worker's index (seeds its sampler); give workers on "
                        "other machines distinct ones (default: 0, or drawn when trials are already running)")

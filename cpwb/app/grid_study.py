@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cpwb.app.study import StudySpec, open_storage
+from cpwb.app.storage import open_storage
+from cpwb.app.study import StudySpec
 from cpwb.app.sweep import Grid, Point, prepare, result_row, run_point, select, write_results
 from cpwb.core.errors import ConfigError, CpwbError
 from cpwb.core.settings import check_settings, same_as, setting
@@ -41,10 +42,10 @@ PARAMETER = "point"  # the one parameter of a grid trial: the point's id
 class GridStorage:
     """Where and how the workers of a storage-backed sweep meet (`cpwb sweep GRID --storage URL ...`)."""
 
-    storage: str | None = setting(None, "Optuna storage URL (sqlite:///FILE, postgresql://user@host/db): the "
-                                        "grid's points become an Optuna study there, and every worker given the same "
-                                        "URL, on this machine or another, takes points from it; null: the sweep runs "
-                                        "on this machine alone")
+    storage: str | None = setting(None, "Optuna storage URL (sqlite:///FILE, postgresql://user@host/db, "
+                                        "journal:///FILE): the grid's points become an Optuna study there, and every "
+                                        "worker given the same URL, on this machine or another, takes points from "
+                                        "it; null: the sweep runs on this machine alone")
     heartbeat_seconds: int = same_as(StudySpec, "heartbeat_seconds")
     max_retries: int = same_as(StudySpec, "max_retries")
 

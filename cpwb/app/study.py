@@ -3,8 +3,8 @@
 A study file (YAML, see configs/tuning/) mirrors `StudySpec`. Every setting in `base` and every parameter in `space`
 is checked the way a sweep point is (a field of TrainConfig or QuickEvalConfig, or a parameter of the point
 notebook, within its range), at both ends of its range, so a bad study fails in one line before any training. The
-storage is an Optuna RDB storage: `sqlite:///` (the default, a file under the study's folder) or any SQLAlchemy URL
-(PostgreSQL, MySQL) for workers on many machines.
+storage (cpwb.app.storage) is `sqlite:///` (the default, a file under the study's folder), any SQLAlchemy URL
+(PostgreSQL, MySQL) or a journal file (`journal:///FILE`) for workers on many machines.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +54,7 @@ class StudySpec:
     confirm_seeds: list[int] = setting([1, 2, 3], "seeds `cpwb tune --confirm` re-runs each method's best trial "
                                                  "under each perplexity budget on: fresh ones, not the search's own, "
                                                  "so the winner is not judged on the seed it was picked on")
-    storage: str | None = setting(None, "Optuna storage URL (sqlite:///..., postgresql://...); null: "
+    storage: str | None = setting(None, "Optuna storage URL (sqlite:///FILE, postgresql://..., journal:///FILE); null: "
                                         "sqlite:///<study folder>/study.db")
     heartbeat_seconds: int = setting(60, "a running trial's heartbeat period; a trial silent for twice this is "
                                          "marked failed and retried", check=">=1")
@@ -205,59 +204,3 @@ def trial_parameters(spec: StudySpec, values: dict[str, Any]) -> dict[str, Any]:
     grid = spec.grid
     resolved = _resolve({**grid.base, **values}, grid, declared_parameters(grid.notebook_path), "trial")
     return {**_absolute_paths(resolved), "seed": spec.seed}
-
-
-# ----------------------------------------------------------------------------------------------- storage
-
-
-def storage_url(spec: StudySpec, folder: Path, override: str | None = None) -> str:
-    """The storage URL: --storage, else the study file's, else a SQLite file in the study's folder."""
-    url = override or spec.storage
-    if url:
-        return url
-    return f"sqlite:///{(folder / 'study.db').resolve()}"
-
-
-def open_storage(url: str, heartbeat_seconds: int, max_retries: int):
-    """An Optuna RDB storage with heartbeats (a trial silent for two periods is failed and retried up to
-    `max_retries` times), or one clear error. Tuning studies and storage-backed sweeps (cpwb.app.grid_study)
-    share it."""
-    import warnings
-
-    import optuna
-
-    if not re.match(r"^[a-z][a-z0-9+]*://", url):
-        raise ConfigError(f"not a storage URL: {url!r}; use sqlite:///FILE or an SQLAlchemy URL such as "
-                          "postgresql://user@host/db (journal files are not offered: Optuna's heartbeats, which "
-                          "retry a dead worker's trial, need an RDB storage)", field="storage")
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    for attempt in range(3):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
-                    grace_period=2 * heartbeat_seconds,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retries))
-        except Exception as err:  # sqlalchemy: no driver, bad URL, server unreachable, refused login
-            if _creation_race(err) and attempt < 2:  # another worker created the new storage's tables meanwhile
-                time.sleep(1.0)
-                continue
-            reason = " ".join(str(err).split("\n")[0].split())[:300]
-            raise ConfigError(f"cannot open storage {_redacted(url)}: {type(err).__name__}: {reason}",
-                              field="storage") from None
-
-
-def _creation_race(err: Exception) -> bool:
-    """Whether opening a new storage failed because another worker was creating its schema at the same moment
-    (SQLite: a unique constraint on alembic_version; PostgreSQL: a table or type that already exists)."""
-    text = str(err)
-    return type(err).__name__ in ("IntegrityError", "ProgrammingError", "OperationalError") and (
-        "alembic_version" in text or "already exists" in text)
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

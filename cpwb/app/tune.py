@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cpwb.app.runner import REPO_ROOT
-from cpwb.app.study import StudySpec, distributions, load_study_spec, open_storage, storage_url, trial_parameters
+from cpwb.app.storage import open_storage, storage_url
+from cpwb.app.study import StudySpec, distributions, load_study_spec, trial_parameters
 from cpwb.app.sweep import Point, run_point, write_results
 from cpwb.core.errors import ConfigError, CpwbError
 

@@ -215,7 +215,8 @@ def _check_playground_reacts(driver, picture: Path) -> None:
     driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", playground)
     title = playground.find_element(By.CSS_SELECTOR, ".gtitle").text
     handle = playground.find_element(By.XPATH, ".//div[contains(@class,'widget-slider')]"
-                                               "[.//label[normalize-space()='phi N1']]//div[contains(@class,'noUi-handle')]")
+                                               "[.//label[normalize-space()='phi N1']]"
+                                               "//div[contains(@class,'noUi-handle')]")
     handle.click()
     handle.send_keys(Keys.ARROW_RIGHT * 30)  # 30 steps of 0.05: N1 from 2.80 to 4.30, from hard to easy
     readout = playground.find_element(By.CSS_SELECTOR, ".cpwb-loss-readout")

@@ -29,7 +29,8 @@ def train_settings(model_dir: Path, pairs: Path, output_dir: Path, **changes) ->
 
 
 def driver_env() -> dict[str, str]:
-    """Environment of a driver process: one thread (deterministic and fair on a shared CPU), offline, repo importable."""
+    """Environment of a driver process: one thread (deterministic and fair on a shared CPU), offline, repo
+    importable."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 

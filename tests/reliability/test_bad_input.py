@@ -1,8 +1,9 @@
 """Bad input: every case is refused with one short line naming file, line and field, and nothing is written.
 
 Pairs files go through every consumer (the validator, `cpwb validate-pairs`, the streaming reader and training);
-configs through `cpwb train|generate|run` and the sweep; notebook parameters through cpwb.app.runner. tests/test_pairs.py
-holds the reader's own unit cases; they are replayed here through the consumers, with more cases added.
+configs through `cpwb train|generate|run` and the sweep; notebook parameters through cpwb.app.runner.
+tests/test_pairs.py holds the reader's own unit cases; they are replayed here through the consumers, with more
+cases added.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ MORE_CASES: dict[str, tuple[Any, int, str | None, str]] = {
     "null anchor": (good("x", anchor=None), 2, "anchor", "expected a string, got null"),
     "truncated UTF-8 sequence": (b'{"id": "caf\xc3"}', 2, None, "invalid UTF-8"),
     "UTF-16 line": (json.dumps(good("x")).encode("utf-16"), 2, None, "invalid UTF-8"),
-    "byte-order mark": (b"\xef\xbb\xbf" + json.dumps(good("x")).encode(), 2, None, "invalid JSON: Unexpected UTF-8 BOM"),
+    "byte-order mark": (b"\xef\xbb\xbf" + json.dumps(good("x")).encode(), 2, None,
+                        "invalid JSON: Unexpected UTF-8 BOM"),
     "nested 100k deep": ("[" * 100_000, 2, None, "invalid JSON: nested too deeply"),
     "5000-digit number": ('{"schema_version": 1' + "0" * 5000 + "}", 2, None, "invalid JSON: Exceeds the limit"),
     "1 MB anchor": (good("x", anchor="a" * 1_000_001), 2, "anchor",

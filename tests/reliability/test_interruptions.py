@@ -251,8 +251,8 @@ ATOMIC_EXCEPTIONS = {
     ("steps.training.editing", "fit_intervention"): "Intervention.save writes its whole folder through atomic_path",
     ("app.tune", "run_workers"): "each local worker's live log (its output as it comes); the study's storage, "
                                  "transactional, is what marks trials done",
-    ("app.runner", "execute_notebook"): "papermill writes the executed copy cell by cell on purpose (a failed or killed "
-                                   "notebook's partial output is kept); run.json, written atomically, is what "
+    ("app.runner", "execute_notebook"): "papermill writes the executed copy cell by cell on purpose (a failed or "
+                                   "killed notebook's partial output is kept); run.json, written atomically, is what "
                                    "marks a notebook completed",
 }
 WRITER_METHODS = {"write_text", "write_bytes", "save_pretrained", "save_file", "save", "to_parquet", "write_html",
@@ -262,7 +262,8 @@ WRITER_FUNCTIONS = {"torch.save", "np.save", "np.savez", "np.savez_compressed", 
 
 
 def is_writer(call) -> bool:
-    """Whether a call writes a file: writer functions and methods, `open` in a writing mode, to_csv/to_json to a path."""
+    """Whether a call writes a file: writer functions and methods, `open` in a writing mode, to_csv/to_json to a
+    path."""
     method = call.name.rsplit(".", 1)[-1]
     if method == "open":
         mode = call.keyword("mode")

@@ -1,4 +1,5 @@
-"""Safe loading: no remote code unless asked, no pickles at run time, weights from safetensors, a lab bound to localhost.
+"""Safe loading: no remote code unless asked, no pickles at run time, weights from safetensors, a lab bound to
+localhost.
 
 Behavioural tests use planted payloads (model code, pickles) that would create a marker file if they ever ran;
 static scans of cpwb's source keep `torch.load`, `pickle` and `trust_remote_code` where they are allowed.
