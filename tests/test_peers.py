@@ -432,3 +432,22 @@ def test_length_control_keeps_a_length_confound_out_of_the_profs_directions():
     controlled = profs_directions(positive, negative, rank=1, centering=False, length_difference=lengths)
     assert plain[:, 0].abs().argmax() == 7  # without the control the length direction comes first
     assert controlled[:, 0].abs().argmax() == 3 and controlled[7, 0].abs() < 1e-6
+
+
+def test_the_lee2024_peers_grid_evaluates_at_the_lee2024_presets_sizes(default_lm):
+    """configs/peers_lee2024.yaml is the quick evaluation at the preset's sizes: every RTP-challenging prompt, 20
+    greedy tokens, and every WikiText-2 window of 512 tokens, stride 256 (not a subset)."""
+    import yaml
+
+    from cpwb.app.sweep import expand, load_grid
+    from cpwb.data.corpora import load_rtp, load_wikitext2_test
+    from cpwb.steps.evaluation.likelihood import strided_windows, token_stream
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    grid, preset = load_grid(root / "peers_lee2024.yaml"), yaml.safe_load((root / "eval_lee2024.yaml").read_text())
+    assert grid.base["rtp_prompts"] == preset["greedy_prompts"] == len(load_rtp("challenging"))
+    assert grid.base["max_new_tokens"] == preset["max_new_tokens"] and preset["wikitext_windows"] is None
+    ids = token_stream(default_lm[1], load_wikitext2_test())
+    assert grid.base["wikitext_windows"] == len(strided_windows(len(ids), 512, 256))
+    objectives = {p.parameters["objective"] for p in expand(grid)}
+    assert objectives == {"cp", "dpo", "simpo", "profs", "steering", "dexperts", "grpo"}

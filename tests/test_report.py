@@ -213,3 +213,22 @@ def test_a_name_given_several_folders_shows_one_models_presets_in_one_column(run
         assert main(["report", f"base={folders['base']}", f"base={extra}", "--out", str(tmp_path / "x.html")]) == 2
         error = capsys.readouterr().err
         assert reason in error and len(error.strip().splitlines()) == 1 and not (tmp_path / "x.html").exists()
+
+
+def test_the_peers_under_lee2024_get_their_own_section_never_the_quick_evaluations(run_dir):
+    from cpwb.analysis.report_inputs import read_peers, read_peers_lee2024
+
+    assert read_peers_lee2024(run_dir) is None
+    common = {"status": "completed", "varied": "", "ppl_change": 0.01, "similarity": 0.27, "train_seconds": 9.0,
+              "seed": 0}
+    (run_dir / "peers_lee2024").mkdir()
+    pd.DataFrame([{**common, "point": "base__seed=0", "variant": "base", "objective": "cp", "rl_scorer": "default",
+                   "toxicity_change": -0.5},
+                  {**common, "point": "g", "variant": "g", "objective": "grpo", "rl_scorer": "bilstm-tcc",
+                   "toxicity_change": -0.9}]).to_csv(run_dir / "peers_lee2024" / "results.csv", index=False)
+    assert read_peers(run_dir) is None  # another protocol: not among the quick evaluation's peers
+    report = build_report(_folders(run_dir), peers_lee2024=read_peers_lee2024(run_dir))
+    assert report.peers_lee2024.method.tolist() == ["CP", "GRPO (RL)"]
+    assert report.peers_lee2024.setting.tolist() == ["default", "reward bilstm-tcc"]
+    page = render_html(report)
+    assert "under the lee2024 protocol" in page and "CP and its peers</h2>" not in page

@@ -19,10 +19,12 @@ from cpwb.analysis.ablations import SECOND_SCORER, pareto_front
 
 # the ablation grid's variants that are the trained methods at their defaults
 TRAINED = {"base": "CP", "objective=dpo": "DPO", "objective=simpo": "SimPO"}
-PEER_NAMES = {"profs": "ProFS", "steering": "steering", "dexperts": "DExperts", "grpo": "GRPO (RL)"}
+PEER_NAMES = {"cp": "CP", "dpo": "DPO", "simpo": "SimPO", "profs": "ProFS", "steering": "steering",
+              "dexperts": "DExperts", "grpo": "GRPO (RL)"}
 # each training-free method's strength knob (its curve) and the settings that make another curve
 KNOBS = {"profs": ("edit_rank", ("edit_layers", "edit_first_layer")),
-         "steering": ("steering_strength", ("steering_layer",)), "dexperts": ("dexperts_alpha", ())}
+         "steering": ("steering_strength", ("steering_layer",)), "dexperts": ("dexperts_alpha", ()),
+         "grpo": ("", ("rl_scorer",))}
 # methods whose artefact is a LoRA adapter of CP's shape: generation costs what CP's adapter costs
 LORA_METHODS = ("DPO", "SimPO", "GRPO (RL)")
 DOWNSTREAM = ("downstream_change", "downstream_change_low", "downstream_change_high")  # `cpwb sweep --downstream`
@@ -49,6 +51,8 @@ def _setting(row: pd.Series, names: tuple[str, ...]) -> str:
         value = row.get(name)
         if isinstance(value, str) and value.startswith("[") and value != "[]":
             parts.append(f"blocks {_blocks(value)}")
+        elif isinstance(value, str) and value not in ("", "[]", "default"):  # a named choice, e.g. the reward
+            parts.append(f"{'reward' if name == 'rl_scorer' else name} {value}")
         elif value is not None and not isinstance(value, str) and pd.notna(value):
             parts.append(f"blocks {int(value)}-last" if name == "edit_first_layer" else f"block {int(value)}")
     return ", ".join(parts) or "default"

@@ -72,6 +72,7 @@ class Report:
     confirmations: pd.DataFrame = field(default_factory=pd.DataFrame)  # their seed re-runs
     agreement: pd.DataFrame = field(default_factory=pd.DataFrame)  # second scorers vs the evaluation's own
     peers: pd.DataFrame = field(default_factory=pd.DataFrame)  # CP against its peers (cpwb.analysis.peers)
+    peers_lee2024: pd.DataFrame = field(default_factory=pd.DataFrame)  # the same under the lee2024 protocol
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:
@@ -280,11 +281,11 @@ def _provenance_note(name: str, frame: pd.DataFrame) -> str:
 def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | None = None,
                  n_examples: int = 8, tuning: pd.DataFrame | None = None,
                  confirmations: pd.DataFrame | None = None, peers: pd.DataFrame | None = None,
-                 generation: dict[str, float] | None = None) -> Report:
+                 generation: dict[str, float] | None = None, peers_lee2024: pd.DataFrame | None = None) -> Report:
     """The report of evaluation folders (label -> folder, e.g. {"base": ..., "CP": ...}), optional baselines,
     optional tuning studies (`read_tuning`): their fronts, best trial per budget and seed re-runs, and optional
     peers' points (`read_peers`): the comparison table (with each method's generation cost when measured,
-    `read_generation_costs`) and figure."""
+    `read_generation_costs`) and figure, and the same under the lee2024 protocol (`read_peers_lee2024`)."""
     from cpwb.analysis import peers as compared
     from cpwb.analysis import tuning as tuned
 
@@ -310,8 +311,12 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
     if peers is not None and len(peers):
         figures["peers_comparison"] = compared.comparison_figure(peers)
         peer_table = compared.comparison_table(peers, generation)
+    lee_table = pd.DataFrame()
+    if peers_lee2024 is not None and len(peers_lee2024):
+        figures["peers_lee2024"] = compared.comparison_figure(peers_lee2024)
+        lee_table = compared.comparison_table(peers_lee2024, generation)
     return Report(table, figures, examples, notes, settings, differences, best, confirmed, scorer_agreement(folders),
-                  peer_table)
+                  peer_table, lee_table)
 
 
 def _cell(value) -> str:
@@ -376,6 +381,12 @@ def render_html(report: Report, title: str = "cpwb evaluation report",
                   '<p class="note">Every method on the same pairs and quick evaluation (notebook 05, docs/peers.md): '
                   "change against the base model, mean ± std over seeds, or with one seed its paired 95% interval "
                   "over prompts; fit seconds of the run itself.</p>", _html_table(report.peers, "metrics")]
+    if len(report.peers_lee2024):
+        parts += ["<h2>CP and its peers under the lee2024 protocol</h2>",
+                  '<p class="note">The same methods on every RTP-challenging prompt (1,196, greedy, 20 tokens) and '
+                  "the whole WikiText-2 test set (configs/peers_lee2024.yaml): the figures to set beside Lee et al. "
+                  "and ProFS, loosely (another model and scorer; docs/evaluation.md).</p>",
+                  _html_table(report.peers_lee2024, "metrics")]
     parts += ["<h2>Figures</h2>", *figures]
     if len(report.examples):
         parts += ["<h2>Example continuations (greedy, RTP challenging)</h2>",

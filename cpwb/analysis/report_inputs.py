@@ -67,6 +67,17 @@ def read_peers(run_dir: str | Path) -> pd.DataFrame | None:
                          pd.concat([read_results(p) for p in paths], ignore_index=True))
 
 
+def read_peers_lee2024(run_dir: str | Path) -> pd.DataFrame | None:
+    """The compared methods' points under the `lee2024` protocol (configs/peers_lee2024.yaml), from notebook 05's
+    copy `peers_lee2024/results.csv`, or None when that sweep has not run. Kept apart from `read_peers`: another
+    protocol, so never on the quick evaluation's table or figure."""
+    from cpwb.analysis.ablations import read_results
+    from cpwb.analysis.peers import method_points
+
+    path = Path(run_dir) / "peers_lee2024" / "results.csv"
+    return method_points(None, read_results(path)) if path.is_file() else None
+
+
 def read_generation_costs(run_dir: str | Path) -> dict[str, float]:
     """Notebook 05's `peers/generation.json` (method -> CPU seconds per 1,000 generated tokens), or {}."""
     import json
