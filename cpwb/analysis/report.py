@@ -319,6 +319,33 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
                   peer_table, lee_table)
 
 
+# the tables after the differences: Report field -> (heading level, title, note)
+SECTIONS = {
+    "agreement": ("h2", "Scorer agreement", "The same continuations scored again by other toxicity scorers (cpwb "
+                  "rescore): Spearman correlation with the evaluation's own scorer over every text, and each scorer's "
+                  "ranking of the models by mean toxicity."),
+    "tuning": ("h2", "Equal-budget tuning", "One Optuna study per method, the same number of trials, objectives and "
+               "constraint (notebook 05, cpwb tune). Best feasible trial within each WikiText-2 perplexity budget, on "
+               "the search's own seed; the seed re-runs below, when present, are the figures to quote."),
+    "confirmations": ("h3", "Seed re-runs of the chosen trials (mean ± std)", ""),
+    "peers": ("h2", "CP and its peers", "Every method on the same pairs and quick evaluation (notebook 05, "
+              "docs/peers.md): change against the base model, mean ± std over seeds, or with one seed its paired 95% "
+              "interval over prompts; fit seconds of the run itself."),
+    "peers_lee2024": ("h2", "CP and its peers under the lee2024 protocol", "The same methods on every RTP-challenging "
+                      "prompt (1,196, greedy, 20 tokens) and the whole WikiText-2 test set "
+                      "(configs/peers_lee2024.yaml): the figures to set beside Lee et al. and ProFS, loosely (another "
+                      "model and scorer; docs/evaluation.md)."),
+}
+
+
+def _section(level: str, title: str, note: str, table: pd.DataFrame) -> list[str]:
+    """A report section: heading, note (when there is one) and metrics table; nothing when the table is empty."""
+    if not len(table):
+        return []
+    return [f"<{level}>{title}</{level}>", *([f'<p class="note">{note}</p>'] if note else []),
+            _html_table(table, "metrics")]
+
+
 def _cell(value) -> str:
     """A table cell: numbers to 4 significant digits, NaN as a dash, text escaped."""
     if isinstance(value, float):
@@ -362,31 +389,9 @@ def render_html(report: Report, title: str = "cpwb evaluation report",
                   "either sign.</p>",
                   _html_table(shown[["model", "metric", "better", "split", "n", "base", "value", "difference",
                                      "interval", "relative", "verdict"]], "metrics")]
-    if len(report.agreement):
-        parts += ["<h2>Scorer agreement</h2>",
-                  '<p class="note">The same continuations scored again by other toxicity scorers (cpwb rescore): '
-                  "Spearman correlation with the evaluation's own scorer over every text, and each scorer's ranking "
-                  "of the models by mean toxicity.</p>", _html_table(report.agreement, "metrics")]
-    if len(report.tuning):
-        parts += ["<h2>Equal-budget tuning</h2>",
-                  '<p class="note">One Optuna study per method, the same number of trials, objectives and constraint '
-                  "(notebook 05, cpwb tune). Best feasible trial within each WikiText-2 perplexity budget, on the "
-                  "search's own seed; the seed re-runs below, when present, are the figures to quote.</p>",
-                  _html_table(report.tuning, "metrics")]
-        if len(report.confirmations):
-            parts += ["<h3>Seed re-runs of the chosen trials (mean ± std)</h3>",
-                      _html_table(report.confirmations, "metrics")]
-    if len(report.peers):
-        parts += ["<h2>CP and its peers</h2>",
-                  '<p class="note">Every method on the same pairs and quick evaluation (notebook 05, docs/peers.md): '
-                  "change against the base model, mean ± std over seeds, or with one seed its paired 95% interval "
-                  "over prompts; fit seconds of the run itself.</p>", _html_table(report.peers, "metrics")]
-    if len(report.peers_lee2024):
-        parts += ["<h2>CP and its peers under the lee2024 protocol</h2>",
-                  '<p class="note">The same methods on every RTP-challenging prompt (1,196, greedy, 20 tokens) and '
-                  "the whole WikiText-2 test set (configs/peers_lee2024.yaml): the figures to set beside Lee et al. "
-                  "and ProFS, loosely (another model and scorer; docs/evaluation.md).</p>",
-                  _html_table(report.peers_lee2024, "metrics")]
+    for name in ("agreement", "tuning", "confirmations", "peers", "peers_lee2024"):
+        if name != "confirmations" or len(report.tuning):
+            parts += _section(*SECTIONS[name], getattr(report, name))
     parts += ["<h2>Figures</h2>", *figures]
     if len(report.examples):
         parts += ["<h2>Example continuations (greedy, RTP challenging)</h2>",
