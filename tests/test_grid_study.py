@@ -53,9 +53,11 @@ def _executions(root: Path) -> list[list[str]]:
     return [line.split() for line in log.read_text().splitlines()] if log.is_file() else []
 
 
-def _sweep(grid: Path, root: Path, url: str) -> subprocess.Popen:
+def _sweep(grid: Path, root: Path, url: str, heartbeat: int = 1) -> subprocess.Popen:
+    """A sweep worker process. Tests that kill no worker beat every 10 s: with 1 s a loaded CPU can starve a live
+    worker's heartbeat thread past the 2 s grace, and its point is failed and run again (by design)."""
     return subprocess.Popen([sys.executable, "-m", "cpwb", "sweep", str(grid), "--output-root", str(root),
-                             "--storage", url, "--heartbeat-seconds", "1"], stdout=subprocess.PIPE,
+                             "--storage", url, "--heartbeat-seconds", str(heartbeat)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -75,7 +77,7 @@ def _every_point_done_once(root: Path, points: int) -> list[list[str]]:
 def test_two_worker_processes_share_a_sqlite_storage_run_every_point_once_and_write_the_sweeps_table(tmp_path):
     grid = _grid(tmp_path, sleep=0.5)
     url = f"sqlite:///{tmp_path / 'sweep.db'}"
-    workers = [_sweep(grid, tmp_path / "out", url) for _ in range(2)]
+    workers = [_sweep(grid, tmp_path / "out", url, heartbeat=10) for _ in range(2)]
     for worker in workers:
         output, _ = worker.communicate(timeout=300)
         assert worker.returncode == 0, output
@@ -87,7 +89,7 @@ def test_two_worker_processes_share_a_sqlite_storage_run_every_point_once_and_wr
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["point"] for t in complete) == sorted(pd.read_csv(serial).point)
     assert all(t.user_attrs.get("surplus") for t in trials if t.state == optuna.trial.TrialState.PRUNED)
-    again = _sweep(grid, tmp_path / "out", url)  # a finished sweep: nothing runs again
+    again = _sweep(grid, tmp_path / "out", url, heartbeat=10)  # a finished sweep: nothing runs again
     assert again.wait(timeout=120) == 0 and len(_executions(tmp_path / "out")) == len(lines)
 
 
@@ -114,7 +116,7 @@ def test_a_worker_killed_mid_point_leaves_it_failed_and_retried_in_its_folder_an
 def test_two_workers_share_a_grid_through_a_real_postgresql_server(tmp_path):
     grid = load_grid(_grid(tmp_path, sleep=0.2))
     with postgres_server() as url:
-        results = run(grid, GridStorage(storage=url, heartbeat_seconds=1), tmp_path / "out", jobs=2)
+        results = run(grid, GridStorage(storage=url, heartbeat_seconds=10), tmp_path / "out", jobs=2)
         trials = optuna.load_study(study_name=study_name(grid), storage=url).get_trials(deepcopy=False)
     _every_point_done_once(tmp_path / "out", 6)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 6
