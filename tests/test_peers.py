@@ -329,6 +329,44 @@ def test_dexperts_cached_greedy_decoding_matches_recomputing_the_combined_logits
         assert text == expected
 
 
+def test_lm_eval_scores_a_dexperts_model_on_its_combined_distribution(dexperts_run):
+    from cpwb.steps.evaluation.harness import _documents, run_harness
+
+    model, tokenizer = dexperts_run.model, dexperts_run.tokenizer
+    _, questions = run_harness(model, tokenizer, ("piqa",), limit=2, batch_size=2)
+    doc = _documents("piqa")[0]
+    context = f"Question: {doc['goal']}\nAnswer:"
+    for choice, found in zip((doc["sol1"], doc["sol2"]), questions.loglik[0]):  # lm-eval's own pair encoding
+        whole = tokenizer(context + " " + choice, add_special_tokens=False).input_ids
+        start = len(tokenizer(context, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
+        assert found == pytest.approx(sum(logp[i - 1, whole[i]].item() for i in range(start, len(whole))), abs=1e-3)
+    with model.peft.disable_adapter():  # the base through lm-eval's own HFLM path
+        _, plain = run_harness(model.peft.get_base_model(), tokenizer, ("piqa",), limit=2, batch_size=2)
+    model.alpha = 0.0
+    try:
+        _, at_zero = run_harness(model, tokenizer, ("piqa",), limit=2, batch_size=2)
+    finally:
+        model.alpha = 1.5
+    assert sum(at_zero.loglik, []) == pytest.approx(sum(plain.loglik, []), abs=1e-4)
+    assert abs(questions.loglik[0][0] - plain.loglik[0][0]) > 1e-3
+
+
+def test_a_generation_task_file_is_refused_for_dexperts_before_lm_eval_runs(dexperts_run, tmp_path):
+    import yaml
+
+    from cpwb.core.errors import InputError
+    from cpwb.steps.evaluation.harness import run_harness
+
+    task = tmp_path / "gen.yaml"
+    task.write_text(yaml.safe_dump({"task": "gen", "dataset_path": "json", "output_type": "generate_until",
+                                    "doc_to_text": "{{q}}", "doc_to_target": "{{a}}", "doc_to_choice": "x"}))
+    with pytest.raises(InputError, match="generation task does not run on a DExperts") as err:
+        run_harness(dexperts_run.model, dexperts_run.tokenizer, (), task_files=[task])
+    assert "gen.yaml" in str(err.value) and "output_type" in str(err.value)
+
+
 def test_data_figure_orders_pair_counts_with_all_last_and_averages_seeds():
     import pandas as pd
 

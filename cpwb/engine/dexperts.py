@@ -14,7 +14,8 @@ the positives, the anti-expert on the negatives.
 - its forward keeps one key/value cache per model (`new_cache`), so KV-cached decoding works;
 - `base_of` (cpwb.engine.adapters) runs it as the base model alone, one pass.
 Every token costs three forward passes of the model (one when run as the base): the comparison reports it.
-transformers' `model.generate` and lm-evaluation-harness take a PreTrainedModel and do not run it.
+transformers' `model.generate` takes a PreTrainedModel and does not run it; lm-evaluation-harness does, through
+cpwb.steps.evaluation.harness (log-likelihood tasks).
 
 Written here because no maintained library implements DExperts on current transformers; the original code
 (alisawuffles/DExperts) targets GPT-2 on transformers 3.
@@ -98,6 +99,10 @@ class DExpertsLM(torch.nn.Module):
     @property
     def config(self):
         return self.peft.get_base_model().config
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
 
     @property
     def generation_config(self):

@@ -9,7 +9,10 @@ length in characters) and reads the shipped data through the `json` dataset buil
   does, except that lm-eval also capitalises `ctx_b`.
 - `cpwb_piqa`: lm-eval's `piqa` (`Question: {goal}\\nAnswer:`, choices sol1/sol2) on the full PIQA dev set (1,838).
 
-The model is the in-memory one (base, or base with its LoRA adapter) wrapped by lm-eval's `HFLM`. Besides lm-eval's
+The model is the in-memory one (base, or base with its LoRA adapter, weight edit or steering hook) wrapped by
+lm-eval's `HFLM`. A DExperts model (cpwb.engine.dexperts) is not a `PreTrainedModel`: `HFLM` is built on its base
+and its log-likelihood call (`_model_call`) returns the combined logits instead, so the choices are scored on the
+DExperts distribution; lm-eval's generation tasks are refused for it. Besides lm-eval's
 aggregates, every question's outcome is kept (from lm-eval's logged samples: the choices' log-likelihoods and
 lengths, acc and acc_norm), so the report bootstraps intervals over questions and pairs base and adapter on them.
 cpwb's own `hellaswag`/`piqa` protocols stay as the fast smoke test: they normalise per token rather than per
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 
 from cpwb.core.errors import AssetError, InputError
@@ -100,13 +104,17 @@ def run_harness(model, tokenizer, tasks: tuple[str, ...] = ("hellaswag", "piqa")
         raise AssetError("the lm_eval protocol needs lm-evaluation-harness: pip install -e \".[harness]\"") from error
 
     extra = [check_task_file(p) for p in task_files or []]
+    for path, spec in zip(task_files or [], extra):
+        if spec.get("output_type") == "generate_until" and _is_dexperts(model):
+            raise InputError("a generation task does not run on a DExperts model (its decoding is cpwb's sampler, "
+                             "not transformers' generate); use multiple-choice tasks", path, field="output_type")
     with tempfile.TemporaryDirectory(prefix="cpwb-lm-eval-") as folder:
         write_task_files(folder, tasks)
         for path in task_files or []:
             atomic_write_text(Path(folder) / Path(path).name, Path(path).read_text(encoding="utf-8"))
         names = [f"cpwb_{t}" for t in tasks] + [spec["task"] for spec in extra]
         manager = TaskManager(include_path=folder, include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        lm = _harness_model(HFLM, model, tokenizer, batch_size)
         output = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, bootstrap_iters=1000,
                                  log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     figures, questions = [], []
@@ -120,6 +128,29 @@ def run_harness(model, tokenizer, tasks: tuple[str, ...] = ("hellaswag", "piqa")
                             "published": PUBLISHED.get(task) if metric == "acc_norm" else None})
         questions += [_question(task, sample) for sample in output.get("samples", {}).get(name, [])]
     return pd.DataFrame(figures), pd.DataFrame(questions)
+
+
+def _is_dexperts(model) -> bool:
+    from cpwb.engine.dexperts import DExpertsLM
+
+    return isinstance(model, DExpertsLM)
+
+
+def _harness_model(hflm: type, model, tokenizer, batch_size: int):
+    """lm-eval's `HFLM` on `model`; for a DExperts model, on its base with the combined logits (module docstring)."""
+    if not _is_dexperts(model):
+        return hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+
+    class Combined(hflm):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            with torch.no_grad():
+                return model(inps).logits
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            raise InputError("a generation task does not run on a DExperts model", field="lm_eval_task_files")
+
+    return Combined(pretrained=model.peft.get_base_model(), tokenizer=tokenizer, batch_size=batch_size,
+                    device=str(model.device))
 
 
 def _question(task: str, sample: dict[str, Any]) -> dict[str, Any]:
