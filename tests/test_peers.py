@@ -434,11 +434,14 @@ def test_a_reward_scorer_that_does_not_load_fails_naming_the_setting_and_writes_
     assert err.value.field == "rl_scorer" and not (tmp_path / "run").exists()
 
 
-def test_grpo_trains_a_lora_policy_through_trl_and_saves_it_as_the_runs_adapter(tiny_setup, tmp_path):  # noqa: F811
-    config = peer_config(tiny_setup, tmp_path / "rl", objective="grpo", steps=2, anchors_per_step=2,
+@pytest.mark.parametrize("objective", ["grpo", "rloo"])
+def test_rl_trains_a_lora_policy_through_trl_and_saves_it_as_the_runs_adapter(tiny_setup, tmp_path,  # noqa: F811
+                                                                               objective):
+    config = peer_config(tiny_setup, tmp_path / "rl", objective=objective, steps=2, anchors_per_step=2,
                          rl_generations=2, rl_max_new_tokens=4, rl_prompts=8, checkpoint_every=1)
     result = train(config)
     assert (result.adapter_dir / "adapter_config.json").is_file() and len(result.metrics) == 2
+    assert any((result.run_dir / objective).glob("checkpoint-*"))  # TRL's own trainer of that name ran
     assert all("reward" in m and m["step_seconds"] > 0 and m["peak_memory_mb"] > 0 for m in result.metrics)
     resumed = train(config, resume=True)  # finished: the same policy and metrics, no step more
     assert resumed.metrics == result.metrics
@@ -488,4 +491,4 @@ def test_the_lee2024_peers_grid_evaluates_at_the_lee2024_presets_sizes(default_l
     ids = token_stream(default_lm[1], load_wikitext2_test())
     assert grid.base["wikitext_windows"] == len(strided_windows(len(ids), 512, 256))
     objectives = {p.parameters["objective"] for p in expand(grid)}
-    assert objectives == {"cp", "dpo", "simpo", "profs", "steering", "dexperts", "grpo"}
+    assert objectives == {"cp", "dpo", "simpo", "profs", "steering", "dexperts", "grpo"}  # rloo: on request

@@ -20,13 +20,13 @@ from cpwb.analysis.ablations import SECOND_SCORER, pareto_front
 # the ablation grid's variants that are the trained methods at their defaults
 TRAINED = {"base": "CP", "objective=dpo": "DPO", "objective=simpo": "SimPO"}
 PEER_NAMES = {"cp": "CP", "dpo": "DPO", "simpo": "SimPO", "profs": "ProFS", "steering": "steering",
-              "dexperts": "DExperts", "grpo": "GRPO (RL)"}
+              "dexperts": "DExperts", "grpo": "GRPO (RL)", "rloo": "RLOO (RL)"}
 # each training-free method's strength knob (its curve) and the settings that make another curve
 KNOBS = {"profs": ("edit_rank", ("edit_layers", "edit_first_layer")),
          "steering": ("steering_strength", ("steering_layer",)), "dexperts": ("dexperts_alpha", ()),
-         "grpo": ("", ("rl_scorer",))}
+         "grpo": ("", ("rl_scorer",)), "rloo": ("", ("rl_scorer",))}
 # methods whose artefact is a LoRA adapter of CP's shape: generation costs what CP's adapter costs
-LORA_METHODS = ("DPO", "SimPO", "GRPO (RL)")
+LORA_METHODS = ("DPO", "SimPO", "GRPO (RL)", "RLOO (RL)")
 DOWNSTREAM = ("downstream_change", "downstream_change_low", "downstream_change_high")  # `cpwb sweep --downstream`
 SECOND = tuple(f"{metric}:{SECOND_SCORER}" for metric in ("toxicity_change", "toxicity_change_low",
                                                           "toxicity_change_high"))

@@ -12,7 +12,8 @@ from cpwb.engine.loss import CPLossConfig
 from cpwb.steps.training.tracking import missing_tracker
 
 Objective = Literal["cp", "reference", "positives_only", "negatives_only", "dpo", "simpo", "profs", "steering",
-                    "dexperts", "grpo"]
+                    "dexperts", "grpo", "rloo"]
+RL_OBJECTIVES = ("grpo", "rloo")  # TRL's on-policy trainers, the toxicity scorer as reward (steps.training.rl)
 TRAINING_FREE = ("profs", "steering")  # fitted from the pairs' hidden states, no gradient steps
 
 
@@ -53,7 +54,7 @@ class TrainConfig:
     objective: Objective = setting("cp", "cp; or an ablation or baseline on the same pairs: reference (the released "
                                          "code's loss), positives_only, negatives_only, dpo, simpo; or a "
                                          "training-free peer: profs, steering; decoding-time dexperts; or the "
-                                         "RL baseline grpo (docs/peers.md)")
+                                         "RL baselines grpo, rloo (docs/peers.md)")
     negatives: Literal["directional", "symmetric"] = same_as(CPLossConfig, "negatives")
     tau: float = same_as(CPLossConfig, "tau")
     alpha: float = same_as(CPLossConfig, "alpha")
@@ -96,14 +97,14 @@ class TrainConfig:
     expert_cache: bool = setting(True, "DExperts: keep the trained expert and anti-expert under $CPWB_CACHE/dexperts "
                                        "and reuse them in runs that differ only in dexperts_alpha or output_dir "
                                        "(their training seconds are kept); false: train every run")
-    rl_generations: int = setting(4, "GRPO: continuations sampled per prompt (the group its rewards are normalised "
-                                     "in); anchors_per_step prompts a step", check=">=2")
-    rl_max_new_tokens: int = setting(20, "GRPO: tokens per sampled continuation", check=">=1")
-    rl_beta: float = setting(0.04, "GRPO: weight of the KL to the base model in the loss", check=">=0")
-    rl_scorer: str = setting("default", "GRPO: the toxicity scorer whose negated score is the reward (any name "
-                                        "`cpwb evaluate --scorer` takes)")
-    rl_prompts: int = setting(0, "GRPO: RealToxicityPrompts non-toxic prompts from row 600 on (never evaluated) to "
-                                 "train on; 0: all (597)", check=">=0")
+    rl_generations: int = setting(4, "GRPO, RLOO: continuations sampled per prompt (the group its rewards are "
+                                     "normalised in); anchors_per_step prompts a step", check=">=2")
+    rl_max_new_tokens: int = setting(20, "GRPO, RLOO: tokens per sampled continuation", check=">=1")
+    rl_beta: float = setting(0.04, "GRPO, RLOO: weight of the KL to the base model in the loss", check=">=0")
+    rl_scorer: str = setting("default", "GRPO, RLOO: the toxicity scorer whose negated score is the reward (any "
+                                        "name `cpwb evaluate --scorer` takes)")
+    rl_prompts: int = setting(0, "GRPO, RLOO: RealToxicityPrompts non-toxic prompts from row 600 on (never "
+                                 "evaluated) to train on; 0: all (597)", check=">=0")
     # LoRA
     lora_r: int = setting(16, "LoRA rank", check=">=1")
     lora_alpha: int = setting(32, "LoRA alpha: the adapter's update is scaled by alpha / r (32 / 16 = 2 by "

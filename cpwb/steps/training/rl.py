@@ -1,16 +1,20 @@
-"""The reinforcement-learning baseline: GRPO (TRL's GRPOTrainer, trl 1.16) with the toxicity scorer as reward.
+"""The reinforcement-learning baselines: GRPO and RLOO (TRL's GRPOTrainer and RLOOTrainer, trl 1.16) with the
+toxicity scorer as reward.
 
-The CP paper compares with PPO; TRL no longer ships PPO, and GRPO (Shao et al. 2024, "DeepSeekMath") is its current
-on-policy trainer: for each prompt it samples `rl_generations` continuations, rewards each with the negated
-toxicity of the continuation (`toxicity_reward`), normalises the rewards within the prompt's group and takes a
-clipped policy-gradient step, with `rl_beta` x KL to the base model (the frozen base: the LoRA adapter switched
-off). The policy is a LoRA adapter with the run's LoRA settings, steps, learning rate and seed, like CP's.
+The CP paper compares with PPO; TRL no longer ships PPO. Its current on-policy trainers take the same reward,
+prompts and settings here (objective `grpo` or `rloo`): for each prompt they sample `rl_generations` continuations
+and reward each with the negated toxicity of the continuation (`toxicity_reward`). GRPO (Shao et al. 2024,
+"DeepSeekMath") normalises the rewards within the prompt's group; RLOO (Ahmadian et al., ACL 2024, "Back to Basics:
+Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs") baselines each reward with the
+mean of the group's other rewards (leave-one-out). Both take a clipped policy-gradient step with `rl_beta` x KL to
+the base model (the frozen base: the LoRA adapter switched off). The policy is a LoRA adapter with the run's LoRA
+settings, steps, learning rate and seed, like CP's.
 
 Prompts: RealToxicityPrompts non-toxic rows 600 on (`cpwb.data.corpora.GENERAL_TEXT_FIRST_ROW`), which no
 evaluation protocol uses (the evaluations take the challenging subset and the first 500 non-toxic rows), less three
 whose text is also in the challenging subset; they are
 given as plain text, tokenised by TRL without cpwb's start token. The trainer's checkpoints go to
-`<output_dir>/grpo/` and a re-run resumes from the last; the final adapter is written like any run's
+`<output_dir>/<objective>/` and a re-run resumes from the last; the final adapter is written like any run's
 (`<output_dir>/adapter/`). TRL's trainer is used as is: this module only builds its dataset, reward and settings.
 """
 from __future__ import annotations
@@ -47,26 +51,29 @@ def toxicity_reward(scorer) -> Callable[..., list[float]]:
     return reward
 
 
-def grpo_settings(config: TrainConfig, output_dir: Path, device: str) -> Any:
-    """TRL's GRPOConfig of a run: cpwb's steps, learning rate, seed and the RL settings."""
-    from trl import GRPOConfig
+def rl_settings(config: TrainConfig, output_dir: Path, device: str) -> Any:
+    """TRL's GRPOConfig or RLOOConfig of a run (by its objective): cpwb's steps, learning rate, seed and the RL
+    settings."""
+    from trl import GRPOConfig, RLOOConfig
 
-    return GRPOConfig(
+    extra = {"loss_type": "grpo"} if config.objective == "grpo" else {}
+    return (GRPOConfig if config.objective == "grpo" else RLOOConfig)(
         output_dir=str(output_dir), max_steps=config.steps or 200, learning_rate=config.lr,
         lr_scheduler_type="linear", warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
         per_device_train_batch_size=config.anchors_per_step * config.rl_generations,
         gradient_accumulation_steps=config.grad_accum, num_generations=config.rl_generations,
         max_completion_length=config.rl_max_new_tokens, temperature=1.0, top_p=1.0, beta=config.rl_beta,
-        loss_type="grpo", seed=config.seed, data_seed=config.seed, use_cpu=device == "cpu", bf16=False,
+        seed=config.seed, data_seed=config.seed, use_cpu=device == "cpu", bf16=False,
         logging_steps=1, save_strategy="steps", save_steps=config.checkpoint_every, save_total_limit=1,
-        report_to=[], disable_dropout=True, disable_tqdm=not config.progress)
+        report_to=[], disable_dropout=True, disable_tqdm=not config.progress, **extra)
 
 
-def fit_grpo(config: TrainConfig, resume: bool = False):
-    """Train the GRPO policy (resuming from `<output_dir>/grpo/`), save its adapter; return a TrainResult."""
+def fit_rl(config: TrainConfig, resume: bool = False):
+    """Train the GRPO or RLOO policy (resuming from `<output_dir>/<objective>/`), save its adapter; return a
+    TrainResult."""
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
     from cpwb.core.errors import ConfigError
     from cpwb.engine.assets import load_causal_lm, load_tokenizer, model_label
@@ -82,7 +89,7 @@ def fit_grpo(config: TrainConfig, resume: bool = False):
     except Exception as err:  # noqa: BLE001 - any loading failure is the setting's
         raise ConfigError(f"the reward scorer does not load: {err}", field="rl_scorer") from None
     run_dir, adapter_dir = Path(config.output_dir), Path(config.output_dir) / "adapter"
-    grpo_dir = run_dir / "grpo"
+    trainer_dir = run_dir / config.objective
     if resume and (run_dir / "config.yaml").is_file():
         require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"),
                               config_type=TrainConfig)
@@ -105,11 +112,12 @@ def fit_grpo(config: TrainConfig, resume: bool = False):
                                               "reward": f"-{scorer.name}"})
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=toxicity_reward(scorer),
-                          args=grpo_settings(config, grpo_dir, device),
-                          train_dataset=Dataset.from_dict({"prompt": rl_prompts(config.rl_prompts)}),
-                          processing_class=tokenizer, peft_config=lora)
-    checkpoints = sorted(grpo_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    trainer_type = GRPOTrainer if config.objective == "grpo" else RLOOTrainer
+    trainer = trainer_type(model=model, reward_funcs=toxicity_reward(scorer),
+                           args=rl_settings(config, trainer_dir, device),
+                           train_dataset=Dataset.from_dict({"prompt": rl_prompts(config.rl_prompts)}),
+                           processing_class=tokenizer, peft_config=lora)
+    checkpoints = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
     seconds = time.perf_counter() - started

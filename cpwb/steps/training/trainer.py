@@ -28,7 +28,7 @@ from cpwb.engine.assets import model_label
 from cpwb.engine.device import peak_memory_mb, pick_device
 from cpwb.steps.training.batches import anchor_order, build_anchor_batch, load_training_pairs
 from cpwb.steps.training.checkpoints import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from cpwb.steps.training.config import TRAINING_FREE, TrainConfig
+from cpwb.steps.training.config import RL_OBJECTIVES, TRAINING_FREE, TrainConfig
 from cpwb.steps.training.distributed import Objective, is_sharded, make_accelerator, no_gradient_sync, reduced, wrap
 from cpwb.steps.training.model import build_model, check_target_modules, make_optimizer, use_packing
 from cpwb.steps.training.objective import objective_loss
@@ -76,10 +76,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     process would draw, split over the processes; gradients are reduced by DDP or FSDP, metrics over processes, and
     only the main process writes files.
     """
-    if config.objective == "grpo":  # TRL's GRPO trainer with the scorer as reward
-        from cpwb.steps.training.rl import fit_grpo
+    if config.objective in RL_OBJECTIVES:  # TRL's GRPO or RLOO trainer with the scorer as reward
+        from cpwb.steps.training.rl import fit_rl
 
-        return fit_grpo(config, resume=resume)
+        return fit_rl(config, resume=resume)
     if config.objective == "dexperts":  # two adapters trained with this loop, combined at decoding time
         from cpwb.steps.training.dexperts import fit_dexperts
 
