@@ -128,6 +128,9 @@ def test_tuning_studies_from_notebook_05_add_their_fronts_best_trials_and_seed_r
     page = render_html(report)
     assert "Equal-budget tuning" in page and "Seed re-runs" in page and "tuning_fronts" in report.figures
     assert {t.name for t in report.figures["tuning_fronts"].data} >= {"cp front", "dpo front"}
+    target = report.target.set_index("method")  # -80% at <= 5%: neither; cp's closest judged on its re-runs
+    assert not target.reached.any() and target.loc["cp", "re-run"] == "-65.0% at +4.0% (2 seeds)"
+    assert "-80% toxicity at ≤ 5% perplexity: reached?" in page
 
 
 def test_peers_sweeps_from_notebook_05_add_the_comparison_table_and_figure(run_dir):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cpwb.analysis.tuning import best_under_budget, confirmation_table, fronts_figure, read_studies
+from cpwb.analysis.tuning import best_under_budget, confirmation_table, fronts_figure, read_studies, target_table
 from cpwb.app.cli import main
 from cpwb.app.storage import open_storage
 from cpwb.app.study import load_study_spec
@@ -247,6 +247,24 @@ def test_best_under_budget_takes_the_largest_feasible_cut_within_each_budget():
     assert np.isnan(table.loc[("dpo", 0.02), "toxicity_change"])
     assert "least costly: trial 0 at +3.0%" in table.loc[("dpo", 0.02), "settings"]
     assert table.loc[("dpo", 0.05), "trial"] == 0
+
+
+def test_target_table_says_whether_a_method_reaches_the_bar_on_its_re_runs_and_how_close_it_comes():
+    frame = _frame([(0, "cp", "complete", True, True, 1e-4, -0.85, 0.045),
+                    (1, "cp", "complete", False, False, 2e-4, -0.95, 0.010),  # infeasible: never the answer
+                    (0, "dpo", "complete", True, True, 1e-4, -0.60, 0.030),
+                    (1, "dpo", "complete", True, True, 2e-4, -0.90, 0.200),   # beyond the budget
+                    (0, "profs", "complete", True, True, 1e-4, -0.10, 0.120)])
+    table = target_table(frame).set_index("method")
+    assert table.loc["cp", "reached"] and table.loc["cp", "re-run"] == "not yet: the search seed only"
+    assert not table.loc["dpo", "reached"] and table.loc["dpo", "closest"] == "-60.0% at +3.0%"
+    assert table.loc["dpo", "gap"] == "+20.0 points of toxicity, 0.0 of perplexity over"
+    assert table.loc["profs", "trial"] == 0 and "least costly" in table.loc["profs", "closest"]
+    assert table.loc["profs", "gap"].endswith("7.0 of perplexity over")
+    reruns = pd.DataFrame({"status": "completed", "method": "cp", "budget": 0.05, "trial": 0, "seed": [1, 2],
+                           "toxicity_change": [-0.82, -0.70], "ppl_change": [0.04, 0.05]})
+    again = target_table(frame, reruns).set_index("method")
+    assert not again.loc["cp", "reached"] and again.loc["cp", "re-run"] == "-76.0% at +4.5% (2 seeds)"
 
 
 def test_fronts_figure_joins_each_methods_feasible_front():

@@ -73,6 +73,7 @@ class Report:
     agreement: pd.DataFrame = field(default_factory=pd.DataFrame)  # second scorers vs the evaluation's own
     peers: pd.DataFrame = field(default_factory=pd.DataFrame)  # CP against its peers (cpwb.analysis.peers)
     peers_lee2024: pd.DataFrame = field(default_factory=pd.DataFrame)  # the same under the lee2024 protocol
+    target: pd.DataFrame = field(default_factory=pd.DataFrame)  # tuning: -80% at <= 5% reached? (tuning.target_table)
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:
@@ -302,10 +303,10 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
     settings = json.loads(first.read_text()) if first.is_file() else {}
     figures = {"tradeoff": tradeoff_figure(table), "toxigen_groups": group_bars_figure(evaluations)}
     differences = paired_differences(folders) if "base" in folders and len(folders) > 1 else pd.DataFrame()
-    best = pd.DataFrame()
+    best, target = pd.DataFrame(), pd.DataFrame()
     if tuning is not None and len(tuned.completed(tuning)):
         figures["tuning_fronts"] = tuned.fronts_figure(tuning)
-        best = tuned.best_under_budget(tuning)
+        best, target = tuned.best_under_budget(tuning), tuned.target_table(tuning, confirmations)
     confirmed = tuned.confirmation_table(confirmations) if confirmations is not None else pd.DataFrame()
     peer_table = pd.DataFrame()
     if peers is not None and len(peers):
@@ -316,7 +317,7 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
         figures["peers_lee2024"] = compared.comparison_figure(peers_lee2024)
         lee_table = compared.comparison_table(peers_lee2024, generation)
     return Report(table, figures, examples, notes, settings, differences, best, confirmed, scorer_agreement(folders),
-                  peer_table, lee_table)
+                  peer_table, lee_table, target)
 
 
 # the tables after the differences: Report field -> (heading level, title, note)
@@ -328,6 +329,9 @@ SECTIONS = {
                "constraint (notebook 05, cpwb tune). Best feasible trial within each WikiText-2 perplexity budget, on "
                "the search's own seed; the seed re-runs below, when present, are the figures to quote."),
     "confirmations": ("h3", "Seed re-runs of the chosen trials (mean ± std)", ""),
+    "target": ("h3", "-80% toxicity at ≤ 5% perplexity: reached?", "Per method, the feasible trial closest to the bar "
+               "(the largest cut within 5%, else the least costly) and, when re-run, the mean over fresh seeds, "
+               "which decides."),
     "peers": ("h2", "CP and its peers", "Every method on the same pairs and quick evaluation (notebook 05, "
               "docs/peers.md): change against the base model, mean ± std over seeds, or with one seed its paired 95% "
               "interval over prompts; fit seconds of the run itself."),
@@ -389,8 +393,8 @@ def render_html(report: Report, title: str = "cpwb evaluation report",
                   "either sign.</p>",
                   _html_table(shown[["model", "metric", "better", "split", "n", "base", "value", "difference",
                                      "interval", "relative", "verdict"]], "metrics")]
-    for name in ("agreement", "tuning", "confirmations", "peers", "peers_lee2024"):
-        if name != "confirmations" or len(report.tuning):
+    for name in ("agreement", "tuning", "confirmations", "target", "peers", "peers_lee2024"):
+        if name not in ("confirmations", "target") or len(report.tuning):
             parts += _section(*SECTIONS[name], getattr(report, name))
     parts += ["<h2>Figures</h2>", *figures]
     if len(report.examples):

@@ -17,6 +17,7 @@ from cpwb.core.errors import InputError
 
 REQUIRED_COLUMNS = ("trial", "method", "state", "feasible", "pareto")
 BUDGETS = (0.02, 0.05)  # WikiText-2 perplexity cost the comparison allows
+TARGET = (-0.80, 0.05)  # the issue's bar: -80% toxicity at <= 5% perplexity cost
 COLOURS = ("crimson", "steelblue", "darkorange", "seagreen", "purple", "saddlebrown", "black")
 
 
@@ -157,3 +158,43 @@ def confirmation_table(frame: pd.DataFrame) -> pd.DataFrame:
                      "ppl_change": f"{runs.ppl_change.mean():+.1%} ± {runs.ppl_change.std():.1%}",
                      "within_budget": bool(runs.ppl_change.mean() <= budget), "settings": runs.settings.iloc[0]})
     return pd.DataFrame(rows)
+
+
+def target_table(frame: pd.DataFrame, confirmations: pd.DataFrame | None = None,
+                 target: tuple[float, float] = TARGET) -> pd.DataFrame:
+    """Per method: does it reach `target` (toxicity change, perplexity budget), and if not, how close it comes.
+
+    The closest trial is the feasible one with the largest cut within the budget, or, when none is within it, the
+    least costly feasible one. Its seed re-runs (`confirmations`, cpwb tune --confirm, for the same budget) say
+    whether the figure holds on fresh seeds: a method reaches the target only if their mean does too (or, without
+    re-runs yet, the search seed's trial does, marked as such)."""
+    toxicity, budget = target
+    done = completed(frame)
+    rows = []
+    for method, trials in done.groupby("method", sort=False):
+        feasible = trials[trials.feasible]
+        if feasible.empty:
+            rows.append({"method": method, "reached": False, "closest": "no feasible trial", "trial": None})
+            continue
+        within = feasible[feasible.ppl_change <= budget]
+        best = (within.loc[within.toxicity_change.idxmin()] if len(within)
+                else feasible.loc[feasible.ppl_change.idxmin()])
+        row = {"method": method, "trial": int(best.trial),
+               "closest": f"{best.toxicity_change:+.1%} at {best.ppl_change:+.1%}"
+                          + ("" if len(within) else " (nothing within the budget; least costly)"),
+               "gap": f"{100 * (best.toxicity_change - toxicity):+.1f} points of toxicity, "
+                      f"{100 * max(best.ppl_change - budget, 0):.1f} of perplexity over", "settings": settings_text(best)}
+        reached = bool(best.toxicity_change <= toxicity and best.ppl_change <= budget)
+        runs = pd.DataFrame()
+        if confirmations is not None and len(confirmations):
+            runs = confirmations[(confirmations.status == "completed") & (confirmations.method == method)
+                                 & np.isclose(confirmations.budget, budget) & (confirmations.trial == best.trial)]
+        if len(runs):
+            row["re-run"] = (f"{runs.toxicity_change.mean():+.1%} at {runs.ppl_change.mean():+.1%} "
+                             f"({len(runs)} seeds)")
+            reached = bool(runs.toxicity_change.mean() <= toxicity and runs.ppl_change.mean() <= budget)
+        elif reached:
+            row["re-run"] = "not yet: the search seed only"
+        rows.append({**row, "reached": reached})
+    columns = ["method", "reached", "closest", "gap", "re-run", "trial", "settings"]
+    return pd.DataFrame(rows).reindex(columns=columns)
