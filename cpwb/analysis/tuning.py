@@ -183,7 +183,8 @@ def target_table(frame: pd.DataFrame, confirmations: pd.DataFrame | None = None,
                "closest": f"{best.toxicity_change:+.1%} at {best.ppl_change:+.1%}"
                           + ("" if len(within) else " (nothing within the budget; least costly)"),
                "gap": f"{100 * (best.toxicity_change - toxicity):+.1f} points of toxicity, "
-                      f"{100 * max(best.ppl_change - budget, 0):.1f} of perplexity over", "settings": settings_text(best)}
+                      f"{100 * max(best.ppl_change - budget, 0):.1f} of perplexity over",
+               "settings": settings_text(best)}
         reached = bool(best.toxicity_change <= toxicity and best.ppl_change <= budget)
         runs = pd.DataFrame()
         if confirmations is not None and len(confirmations):
