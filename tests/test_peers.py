@@ -241,7 +241,7 @@ def test_generation_costs_take_each_methods_latest_run_and_lora_methods_share_cp
                          row("DExperts", 40.6, "2026-12-02T00:00:00"), row("SimPO", 13.0, "2026-12-02T00:00:00"),
                          row("base", 99.0, "2026-12-02T00:00:00", benchmark="train_step")])
     costs = compare.generation_costs(rows)
-    assert costs == {"CP": 12.5, "DPO": 12.5, "SimPO": 13.0, "GRPO (RL)": 12.5, "DExperts": 40.6}
+    assert costs == {"CP": 12.5, "DPO": 12.5, "SimPO": 13.0, "GRPO (RL)": 12.5, "RLOO (RL)": 12.5, "DExperts": 40.6}
     points = compare.method_points(pd.DataFrame(_sweep_rows("cp", "base", [0])), None)
     assert compare.comparison_table(points, costs)["generation s / 1k tokens"].tolist() == ["12.5"]
 
