@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -16,14 +17,19 @@ from cpwb.app.storage import open_storage
 from tests.postgres import postgres_server
 
 POP = textwrap.dedent("""
-    import sys, warnings
+    import sys, time, warnings
+    from pathlib import Path
     import optuna
     from cpwb.app.storage import open_storage
     warnings.simplefilter("ignore")
     study = optuna.load_study(study_name="q", storage=open_storage(sys.argv[1], 60, 0))
+    Path(sys.argv[2], sys.argv[3]).touch()  # ready; start together, or the first to import takes every trial
+    while not Path(sys.argv[2], "go").exists():
+        time.sleep(0.01)
     popped = []
     while (trial_id := study._pop_waiting_trial_id()) is not None:  # what study.ask() does for a queued trial
         popped.append(trial_id)
+        time.sleep(0.005)  # a worker runs its trial before it asks again
     print(*popped)
 """)
 
@@ -32,9 +38,16 @@ def _each_queued_trial_popped_once(url: str, trials: int = 60, workers: int = 4)
     study = optuna.create_study(study_name="q", storage=open_storage(url, 60, 0))
     for i in range(trials):
         study.enqueue_trial({"x": i})
-    procs = [subprocess.Popen([sys.executable, "-c", POP, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).parents[1]) for _ in range(workers)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    with tempfile.TemporaryDirectory() as gate:
+        procs = [subprocess.Popen([sys.executable, "-c", POP, url, gate, str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+                 for i in range(workers)]
+        deadline = time.time() + 120
+        while len(list(Path(gate).iterdir())) < workers and time.time() < deadline \
+                and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        Path(gate, "go").touch()
+        outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     popped = [int(x) for out, _ in outputs for x in out.split()]
     assert len(popped) == trials and len(set(popped)) == trials  # before the fix, SQLite gave 69-78 pops of 60
