@@ -36,6 +36,26 @@ def test_batched_phi_matches_float64_reference(request, which, layout):
     assert packing_matches(model, batch)
 
 
+def test_a_bfloat16_body_stays_near_the_reference_with_the_head_in_fp32(default_lm):
+    model, tokenizer = default_lm
+    reference = np.array([naive_phi(model, tokenizer, t) for t in TEXTS])
+    batch = encode(tokenizer, TEXTS)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _, args, out: seen.append((args[0].dtype, out.dtype, torch.is_autocast_enabled("cpu"))))
+    try:
+        with torch.no_grad():
+            fast = sequence_nll(model, batch, body_dtype=torch.bfloat16).phi.numpy()
+            exact = sequence_nll(model, batch).phi.numpy()
+    finally:
+        hook.remove()
+    assert seen and all(entry == (torch.float32, torch.float32, False) for entry in seen)
+    assert np.abs(exact - reference).max() < 1e-4  # fp32 is untouched by the option
+    # bfloat16 ran: on these short texts it moves phi by 0.01-0.29 nats, why no evaluation uses it
+    # (benchmarks/perplexity_precision.py measures it on WikiText-2)
+    assert 1e-3 < np.abs(fast - reference).max() < 0.5
+
+
 def test_packing_check_catches_a_decoder_that_ignores_position_ids(fresh_tiny_lm):
     model, tokenizer = fresh_tiny_lm
     batch = encode(tokenizer, TEXTS)

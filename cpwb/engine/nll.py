@@ -161,12 +161,19 @@ def _over_chunks(fn, head: torch.nn.Module, first: torch.Tensor, second: torch.T
     return torch.cat(pieces) if pieces else first.new_zeros(0, dtype=torch.float32)
 
 
-def scored_states(model, batch: TokenBatch, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scored_states(model, batch: TokenBatch, packed: bool = False,
+                  body_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Final hidden states that predict the scored tokens [N, H], with their (row, column) in the batch.
 
     `packed` runs the real tokens as one row with per-text position ids and no attention mask, which Hugging Face
-    decoders turn into a block-causal mask (see `packing_matches`).
+    decoders turn into a block-causal mask (see `packing_matches`). `body_dtype` runs the transformer body under
+    torch.autocast in that dtype and returns fp32 states, so the LM head and log-sum-exp stay in fp32
+    (benchmarks/perplexity_precision.py measures what bfloat16 costs in accuracy).
     """
+    if body_dtype is not None:
+        with torch.autocast(batch.input_ids.device.type, dtype=body_dtype):
+            states, rows, cols = scored_states(model, batch, packed)
+        return states.float(), rows, cols
     decoder, _, _ = decoder_and_head(model)
     mask = batch.attention_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -184,14 +191,15 @@ def scored_states(model, batch: TokenBatch, packed: bool = False) -> tuple[torch
 
 
 def sequence_nll(model, batch: TokenBatch, return_token_nll: bool = False, keep_states: bool = False,
-                 chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS, packed: bool = False) -> SequenceNLL:
+                 chunk_logit_elements: int = CHUNK_LOGIT_ELEMENTS, packed: bool = False,
+                 body_dtype: torch.dtype | None = None) -> SequenceNLL:
     """Per-sequence NLL of a token batch under `model`; differentiable when grad is enabled.
 
     `keep_states` keeps the scored hidden states on the result, for a KL term that reuses this forward pass;
-    `packed` skips all padding (see `scored_states`).
+    `packed` skips all padding and `body_dtype` autocasts the transformer body (see `scored_states`).
     """
     _, head, softcap = decoder_and_head(model)
-    states, rows, cols = scored_states(model, batch, packed=packed)
+    states, rows, cols = scored_states(model, batch, packed=packed, body_dtype=body_dtype)
     targets = batch.input_ids[:, 1:][rows, cols]
     token_values = _over_chunks(_chunk_nll, head, states, targets, softcap, chunk_logit_elements)
     n_seq, device = batch.input_ids.shape[0], states.device

@@ -48,8 +48,10 @@ def token_stream(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def strided_nll(model, ids: Sequence[int], windows: Sequence[tuple[int, int, int]], batch_size: int = 4,
-                pad_id: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """NLL sum and number of scored tokens of each of the given `strided_windows` of a token stream, batched."""
+                pad_id: int = 0, progress: bool = False,
+                body_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """NLL sum and number of scored tokens of each of the given `strided_windows` of a token stream, batched
+    (`body_dtype`: see cpwb.engine.nll.scored_states)."""
     device = next(model.parameters()).device
     stream = torch.tensor(list(ids), dtype=torch.long)
     nll_sum, n_scored = np.zeros(len(windows)), np.zeros(len(windows), dtype=np.int64)
@@ -64,7 +66,7 @@ def strided_nll(model, ids: Sequence[int], windows: Sequence[tuple[int, int, int
                 input_ids[row, :end - begin] = stream[begin:end]
                 attention[row, :end - begin] = 1
                 target[row, first - begin:end - begin] = True
-            out = sequence_nll(model, TokenBatch(input_ids, attention, target).to(device))
+            out = sequence_nll(model, TokenBatch(input_ids, attention, target).to(device), body_dtype=body_dtype)
             nll_sum[start:start + len(group)] = out.nll_sum.double().cpu().numpy()
             n_scored[start:start + len(group)] = out.n_tokens.long().cpu().numpy()
     return nll_sum, n_scored
