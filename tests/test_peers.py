@@ -3,6 +3,8 @@ reversible, saved and loaded as a run's adapter, and refuse impossible settings 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -436,7 +438,7 @@ def test_a_reward_scorer_that_does_not_load_fails_naming_the_setting_and_writes_
 
 @pytest.mark.parametrize("objective", ["grpo", "rloo"])
 def test_rl_trains_a_lora_policy_through_trl_and_saves_it_as_the_runs_adapter(tiny_setup, tmp_path,  # noqa: F811
-                                                                               objective):
+                                                                               objective, monkeypatch):
     config = peer_config(tiny_setup, tmp_path / "rl", objective=objective, steps=2, anchors_per_step=2,
                          rl_generations=2, rl_max_new_tokens=4, rl_prompts=8, checkpoint_every=1)
     result = train(config)
@@ -451,6 +453,35 @@ def test_rl_trains_a_lora_policy_through_trl_and_saves_it_as_the_runs_adapter(ti
     with base_of(loaded):
         base = _logits(loaded, tokenizer)
     assert not torch.allclose(_logits(loaded, tokenizer), base)  # the policy moved
+    # stopped after its final checkpoint, before the adapter: the re-run trains no step more and saves the policy
+    shutil.rmtree(result.adapter_dir)
+    again = train(config, resume=True)
+    assert [m["step"] for m in again.metrics] == [1, 2] and (again.adapter_dir / "adapter_config.json").is_file()
+    assert torch.allclose(_logits(again.model, again.tokenizer), _logits(result.model, result.tokenizer), atol=1e-5)
+    import trl
+
+    # stopped in step 2: the re-run resumes TRL's step-1 checkpoint, its states (rng, optimizer) loaded without pickle
+    trainer_type = getattr(trl, "GRPOTrainer" if objective == "grpo" else "RLOOTrainer")
+    step, calls = trainer_type.training_step, []
+
+    def stopping_step(self, *args, **kwargs):
+        calls.append(1)
+        if self.state.global_step >= 1:
+            raise KeyboardInterrupt("stopped")
+        return step(self, *args, **kwargs)
+
+    stopped = replace(config, output_dir=str(tmp_path / "stopped"))
+    monkeypatch.setattr(trainer_type, "training_step", stopping_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "stopped" / objective).glob("checkpoint-*")] == ["checkpoint-1"]
+    loads, torch_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only", True)) or torch_load(*a, **k))
+    resumed = train(stopped, resume=True)
+    monkeypatch.undo()
+    assert loads and all(weights_only is True for weights_only in loads)
+    assert [m["step"] for m in resumed.metrics] == [1, 2] and resumed.metrics[0]["loss"] == result.metrics[0]["loss"]
 
 
 def test_the_adapter_setting_accepts_what_evaluation_loads():

@@ -12,10 +12,11 @@ settings, steps, learning rate and seed, like CP's.
 
 Prompts: RealToxicityPrompts non-toxic rows 600 on (`cpwb.data.corpora.GENERAL_TEXT_FIRST_ROW`), which no
 evaluation protocol uses (the evaluations take the challenging subset and the first 500 non-toxic rows), less three
-whose text is also in the challenging subset; they are
-given as plain text, tokenised by TRL without cpwb's start token. The trainer's checkpoints go to
-`<output_dir>/<objective>/` and a re-run resumes from the last; the final adapter is written like any run's
-(`<output_dir>/adapter/`). TRL's trainer is used as is: this module only builds its dataset, reward and settings.
+whose text is also in the challenging subset; they are given as plain text, tokenised by TRL without cpwb's start
+token. The trainer's checkpoints go to `<output_dir>/<objective>/` and a re-run resumes from the last (TRL loads
+its states with weights_only; a run stopped after its final checkpoint takes the policy from it, as TRL would
+train one step more); the final adapter is written like any run's (`<output_dir>/adapter/`). TRL's trainer is used
+as is: this module only builds its dataset, reward and settings.
 """
 from __future__ import annotations
 
@@ -118,8 +119,18 @@ def fit_rl(config: TrainConfig, resume: bool = False):
                            train_dataset=Dataset.from_dict({"prompt": rl_prompts(config.rl_prompts)}),
                            processing_class=tokenizer, peft_config=lora)
     checkpoints = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    last = checkpoints[-1] if resume and checkpoints else None
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+    if last is not None and int(last.name.split("-")[1]) >= trainer.args.max_steps:
+        # stopped after its final checkpoint, before the adapter: TRL resuming it would train one step more
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import TrainerState
+
+        set_peft_model_state_dict(trainer.model, load_file(last / "adapter_model.safetensors"))
+        trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.perf_counter() - started
     history = [{"step": int(h["step"]), **{k: v for k, v in h.items() if isinstance(v, (int, float))}}
                for h in trainer.state.log_history if "loss" in h]
