@@ -56,6 +56,16 @@ def test_a_bfloat16_body_stays_near_the_reference_with_the_head_in_fp32(default_
     assert 1e-3 < np.abs(fast - reference).max() < 0.5
 
 
+def test_a_bfloat16_body_runs_on_a_model_whose_weights_are_bfloat16(fresh_tiny_lm):
+    model, tokenizer = fresh_tiny_lm
+    batch = encode(tokenizer, TEXTS)
+    with torch.no_grad():
+        exact = sequence_nll(model, batch).phi
+        model.to(torch.bfloat16)
+        fast = sequence_nll(model, batch, body_dtype=torch.bfloat16).phi  # states handed to the head in its dtype
+    assert fast.dtype == torch.float32 and torch.allclose(fast, exact, atol=0.1)
+
+
 def test_packing_check_catches_a_decoder_that_ignores_position_ids(fresh_tiny_lm):
     model, tokenizer = fresh_tiny_lm
     batch = encode(tokenizer, TEXTS)

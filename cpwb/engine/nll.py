@@ -167,13 +167,13 @@ def scored_states(model, batch: TokenBatch, packed: bool = False,
 
     `packed` runs the real tokens as one row with per-text position ids and no attention mask, which Hugging Face
     decoders turn into a block-causal mask (see `packing_matches`). `body_dtype` runs the transformer body under
-    torch.autocast in that dtype and returns fp32 states, so the LM head and log-sum-exp stay in fp32
-    (benchmarks/perplexity_precision.py measures what bfloat16 costs in accuracy).
+    torch.autocast in that dtype and returns the states in the LM head's dtype, so an fp32 head and the
+    log-sum-exp stay in fp32 (benchmarks/perplexity_precision.py measures what bfloat16 costs in accuracy).
     """
     if body_dtype is not None:
         with torch.autocast(batch.input_ids.device.type, dtype=body_dtype):
             states, rows, cols = scored_states(model, batch, packed)
-        return states.float(), rows, cols
+        return states.to(decoder_and_head(model)[1].weight.dtype), rows, cols
     decoder, _, _ = decoder_and_head(model)
     mask = batch.attention_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
