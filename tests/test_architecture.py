@@ -21,14 +21,14 @@ def test_the_layers_import_one_way():
     assert "BROKEN" not in result.stdout and result.stdout.count("KEPT") >= 3
 
 
-
 def test_the_code_passes_ruff():
-    """ruff with pyproject.toml's rules (pycodestyle, pyflakes, import order; 120 columns) over the code and its tests:
-    a lint slip fails here, not in a reviewer's eye."""
+    """ruff with pyproject.toml's rules (pycodestyle, pyflakes, import order; 120 columns) over the code, its tests
+    and the notebooks: a lint slip fails here, not in a reviewer's eye."""
     ruff = Path(sys.executable).parent / "ruff"
-    result = subprocess.run([str(ruff), "check", "--no-cache", "cpwb", "tests", "benchmarks", "scripts"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(ruff), "check", "--no-cache", "cpwb", "tests", "benchmarks", "scripts", "notebooks"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
 
 def test_every_module_lies_in_a_layer_and_the_contract_names_them_all():
     import tomllib
