@@ -105,21 +105,56 @@ def _eval_key(train_config: TrainConfig, eval_config: QuickEvalConfig) -> str:
 
 
 def base_eval(train_config: TrainConfig, eval_config: QuickEvalConfig, cache_root: str | Path = "outputs/base-eval",
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, wait: bool = True) -> dict[str, Any] | None:
     """The base model's quick evaluation, computed once per (model, data, evaluation settings) and cached.
 
     The downstream accuracy is kept in the same file with its item count (`downstream_items`): asking for another
-    count computes only that part again, so turning it on does not redo the base's other figures."""
+    count computes only that part again, so turning it on does not redo the base's other figures.
+
+    Workers that share the cache (`--jobs N`, or machines sharing the folder) compute it once: whoever takes the
+    file's lock (`<key>.json.lock`, filelock) computes, the others wait for it and read the cache. With
+    `wait=False` a worker that finds the lock taken returns None at once instead, so it can do its own work first
+    (`train_and_evaluate`); the lee2024-sized base costs about 70 CPU minutes, which two workers would otherwise
+    both spend."""
+    from filelock import FileLock, Timeout
+
+    path = Path(cache_root) / f"{_eval_key(train_config, eval_config)}.json"
+    cached = _cached_base(path, eval_config)
+    if cached is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return None
+    try:
+        cached = _cached_base(path, eval_config)  # computed by the worker that held the lock
+        if cached is not None:
+            return cached
+        return _compute_base(path, train_config, eval_config, progress)
+    finally:
+        lock.release()
+
+
+def _cached_base(path: Path, eval_config: QuickEvalConfig) -> dict[str, Any] | None:
+    """The cached base figures when they hold everything `eval_config` asks for, else None."""
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    complete = all(field in cached for field in PER_ITEM)  # figures cached before PER_ITEM existed are redone
+    items = eval_config.downstream_items
+    return cached if complete and (not items or cached.get("downstream_items") == items) else None
+
+
+def _compute_base(path: Path, train_config: TrainConfig, eval_config: QuickEvalConfig, progress: bool
+                  ) -> dict[str, Any]:
+    """Compute what the cache at `path` lacks (everything, or only the downstream accuracy) and write it."""
     from dataclasses import replace
 
     from cpwb.engine.assets import load_causal_lm, load_tokenizer
 
-    path = Path(cache_root) / f"{_eval_key(train_config, eval_config)}.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    complete = all(field in cached for field in PER_ITEM)  # figures cached before PER_ITEM existed are redone
+    complete = all(field in cached for field in PER_ITEM)
     items = eval_config.downstream_items
-    if complete and (not items or cached.get("downstream_items") == items):
-        return cached
     model = load_causal_lm(train_config.model, trust_remote_code=train_config.trust_remote_code)
     tokenizer = load_tokenizer(train_config.model, trust_remote_code=train_config.trust_remote_code)
     result = cached
@@ -167,12 +202,14 @@ def train_and_evaluate(train_config: TrainConfig, eval_config: QuickEvalConfig |
     if resume and done.is_file():
         return json.loads(done.read_text())
     code = versions()  # taken before training: the checkout may change while a long point runs
-    base = base_eval(train_config, eval_config, progress=progress)
+    base = base_eval(train_config, eval_config, progress=progress, wait=False)  # None: another worker computes it
     result = train(train_config, resume=resume)
     model = result.model.eval()
     started = time.perf_counter()
     trained = quick_eval(model, result.tokenizer, result.heldout, eval_config, progress=progress)
     evaluate_seconds = time.perf_counter() - started
+    if base is None:  # by now usually cached by the worker that took the lock; else wait for it
+        base = base_eval(train_config, eval_config, progress=progress)
     steps = result.metrics
     summary = {
         "config": asdict(train_config), "eval": asdict(eval_config), "base": base, "trained": trained,
