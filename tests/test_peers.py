@@ -420,6 +420,18 @@ def test_the_rl_reward_is_the_negated_scorer_output():
     assert reward(completions=chat) == reward(completions=texts)
 
 
+@pytest.mark.parametrize("objective", ["grpo", "rloo"])
+def test_rl_recomputes_activations_only_when_cpwbs_setting_asks(objective, tmp_path):
+    """TRL's GRPO and RLOO configs turn gradient checkpointing on by default; cpwb's `gradient_checkpointing`
+    (off) decides, as for every other objective: on a CPU it saves no memory worth having and costs about a third
+    of the backward pass."""
+    from cpwb.steps.training.rl import rl_settings
+
+    config = from_dict(TrainConfig, {"objective": objective})
+    assert rl_settings(config, tmp_path, "cpu").gradient_checkpointing is False
+    assert rl_settings(replace(config, gradient_checkpointing=True), tmp_path, "cpu").gradient_checkpointing is True
+
+
 def test_rl_prompts_are_never_evaluation_prompts():
     from cpwb.data.corpora import load_rtp
     from cpwb.steps.training.rl import rl_prompts

@@ -66,7 +66,10 @@ def rl_settings(config: TrainConfig, output_dir: Path, device: str) -> Any:
         max_completion_length=config.rl_max_new_tokens, temperature=1.0, top_p=1.0, beta=config.rl_beta,
         seed=config.seed, data_seed=config.seed, use_cpu=device == "cpu", bf16=False,
         logging_steps=1, save_strategy="steps", save_steps=config.checkpoint_every, save_total_limit=1,
-        report_to=[], disable_dropout=True, disable_tqdm=not config.progress, **extra)
+        report_to=[], disable_dropout=True, disable_tqdm=not config.progress,
+        # cpwb's own setting (off by default), not TRL's default (on): recomputing activations costs time, not
+        # results, and a 135M policy needs no memory saved
+        gradient_checkpointing=config.gradient_checkpointing, **extra)
 
 
 def fit_rl(config: TrainConfig, resume: bool = False):
