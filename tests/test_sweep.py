@@ -124,11 +124,23 @@ def test_dry_run_lists_points_and_count(tmp_path, capsys):
                               output_root=str(tmp_path), jobs=1)
     assert command(args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["objective=dpo__seed=0", "objective=dpo__seed=1", "objective=simpo__seed=1", "objective=dpo__seed=2",
-                   "objective=simpo__seed=2", "5 point(s) of sweep g, 3 seed(s) each"]
+    assert out == [f"to run   objective={m}__seed={s}" for m, s in
+                   (("dpo", 0), ("dpo", 1), ("simpo", 1), ("dpo", 2), ("simpo", 2))] + [
+        f"5 point(s) of sweep g, 3 seed(s) each: 5 to run (in {tmp_path / 'g'})"]
     with pytest.raises(ConfigError, match="in base: must be > 0"):
         command(argparse.Namespace(**{**vars(args), "param": ["tau=-1"]}))
     assert [p.name for p in tmp_path.iterdir()] == ["g.yaml"]  # a dry run writes nothing
+
+    points = {p.id: p for p in expand(load_grid(path))}  # one point done, one done with other settings
+    for point_id, tau in (("objective=dpo__seed=0", points["objective=dpo__seed=0"].parameters["tau"]),
+                          ("objective=dpo__seed=1", 0.3)):
+        (tmp_path / "g" / point_id).mkdir(parents=True)
+        (tmp_path / "g" / point_id / "result.json").write_text(json.dumps({"config": {"tau": tau}}))
+    assert command(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["done     objective=dpo__seed=0", "other settings objective=dpo__seed=1"]
+    assert out[-1] == f"5 point(s) of sweep g, 3 seed(s) each: 1 done, 3 to run, 1 other settings (in {tmp_path / 'g'})"
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["objective=dpo__seed=0", "objective=dpo__seed=1"]
 
 
 # ----------------------------------------------------------------------------------------------- running

@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweeper.add_argument("grid", help="grid YAML file (see configs/ablations.yaml)")
     sweeper.add_argument("--only", metavar="PATTERN", action="append",
                          help="run only points whose id contains PATTERN (wildcards ok; repeat for several)")
-    sweeper.add_argument("--dry-run", action="store_true", help="list the points and their count, run nothing")
+    sweeper.add_argument("--dry-run", action="store_true",
+                         help="list the points, each marked done or to run (from the result.json in its folder), "
+                              "and their count; run nothing")
     sweeper.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own kernel (default 1)")
     sweeper.add_argument("--output-root", default="outputs/sweeps", help="where sweeps go (default outputs/sweeps)")
     sweeper.add_argument("--results-only", action="store_true", help="rewrite results.csv from the points' "

@@ -281,12 +281,25 @@ def run_point(grid: Grid, point: Point, point_dir: Path, columns: list[str], ker
     return result_row(point, point_dir, columns, "completed")
 
 
+def grid_folder(grid: Grid, output_root: str | Path) -> Path:
+    """`<output_root>/<name>/`, a relative `output_root` taken from the repository root."""
+    return (Path(output_root) if Path(output_root).is_absolute() else REPO_ROOT / output_root) / grid.name
+
+
+def point_status(point: Point, point_dir: Path) -> str:
+    """What `cpwb sweep` would do with a point, without touching it: `done` (its result.json holds these settings),
+    `other settings` (it holds a result of others, which the sweep refuses to reuse) or `to run`."""
+    path = point_dir / "result.json"
+    if not path.is_file():
+        return "to run"
+    return "other settings" if _stale_settings(json.loads(path.read_text()), point) else "done"
+
+
 def prepare(grid: Grid, output_root: str | Path) -> tuple[list[Point], Path, list[str]]:
     """The grid's points, its folder `<output_root>/<name>/` (created, with grid.json) and its results.csv setting
     columns. A relative `output_root` is taken from the repository root."""
     points = expand(grid)
-    root = Path(output_root) if Path(output_root).is_absolute() else REPO_ROOT / output_root
-    folder = root / grid.name
+    folder = grid_folder(grid, output_root)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "grid.json", {"grid": dataclasses.asdict(grid), "notebook": str(grid.notebook_path),
                                              "points": [dataclasses.asdict(p) for p in points]})
@@ -374,9 +387,14 @@ def command(args) -> int:
     storage = GridStorage(**given_settings(args))  # checked before anything runs
     grid = load_grid(args.grid, dict(parse_override(p) for p in args.param))
     points = select(expand(grid), args.only)
-    if args.dry_run:
-        print("\n".join(p.id for p in points))
-        print(f"{len(points)} point(s) of sweep {grid.name}, {len(grid.seeds)} seed(s) each")
+    if args.dry_run:  # reads the points' folders, writes nothing
+        folder = grid_folder(grid, args.output_root)
+        status = {p.id: point_status(p, folder / p.id) for p in points}
+        print("\n".join(f"{status[p.id]:<8} {p.id}" for p in points))
+        counts = ", ".join(f"{sum(s == k for s in status.values())} {k}" for k in ("done", "to run", "other settings")
+                           if k in status.values())
+        print(f"{len(points)} point(s) of sweep {grid.name}, {len(grid.seeds)} seed(s) each: {counts} "
+              f"(in {folder})")
         return 0
     if getattr(args, "downstream", None) is not None:
         if args.downstream < 1:
