@@ -121,7 +121,7 @@ def test_a_storage_holding_the_same_study_with_other_settings_is_refused(tmp_pat
 
 
 @pytest.mark.notebook
-def test_one_worker_runs_the_budget_writes_results_and_a_rerun_adds_nothing(tmp_path):
+def test_one_worker_runs_the_budget_writes_results_and_a_rerun_adds_nothing(tmp_path, capsys):
     study = _study(tmp_path, trials=4)
     spec = load_study_spec(study)
     url = f"sqlite:///{tmp_path / 'out' / 's' / 'study.db'}"
@@ -136,6 +136,9 @@ def test_one_worker_runs_the_budget_writes_results_and_a_rerun_adds_nothing(tmp_
     assert results.pareto.any()
     work(spec, url, tmp_path / "out", say=lambda _: None)  # resumed: the budget is spent, nothing runs
     assert len(_executions(tmp_path / "out")) == 8
+    assert main(["tune", str(study), "--output-root", str(tmp_path / "out"), "--dry-run"]) == 0
+    progress = capsys.readouterr().out.splitlines()[-1]
+    assert progress == "  progress: 4 of 4 trials complete; seed re-runs: not yet (--confirm)"
     again = load_study_spec(study)  # same seed, fresh storage: the same trials
     repeat = pd.read_csv(work(again, f"sqlite:///{tmp_path / 'b.db'}", tmp_path / "other", say=lambda _: None))
     pd.testing.assert_series_equal(repeat.param_lr, results.param_lr)

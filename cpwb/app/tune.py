@@ -297,6 +297,19 @@ def confirm(spec: StudySpec, output_root: str | Path = "outputs/tuning", jobs: i
     return write_results(folder / "confirm.csv", rows.to_dict("records"))
 
 
+def progress_line(study, spec: StudySpec, folder: Path) -> str:
+    """Where a study stands: its completed trials against the budget, the other states (failed ones are retried,
+    `pruned` ones were surplus and never ran), and whether its seed re-runs (`--confirm`) are written."""
+    from collections import Counter
+
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    complete = states.pop("complete", 0)
+    others = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+    confirmed = folder / "confirm.csv"
+    return (f"{complete} of {spec.trials} trials complete" + (f" ({others})" if others else "")
+            + f"; seed re-runs: {confirmed if confirmed.is_file() else 'not yet (--confirm)'}")
+
+
 def command(args) -> int:
     """`cpwb tune` (see cpwb.app.cli): check the study, then run one worker or `--jobs` of them."""
     from cpwb.core.config import parse_override
@@ -306,10 +319,11 @@ def command(args) -> int:
     spec = load_study_spec(args.study, dict(parse_override(p) for p in args.param))
     url = storage_url(spec, study_folder(spec, args.output_root), args.storage)
     if args.dry_run:
-        open_study(spec, url)  # reachable, and the same study if it exists
+        study = open_study(spec, url)  # reachable, and the same study if it exists
         print(f"study {spec.name}: method {spec.method}, {spec.trials} trials, storage {url}")
         for name, distribution in distributions(spec).items():
             print(f"  {name}: {distribution}")
+        print(f"  progress: {progress_line(study, spec, study_folder(spec, args.output_root))}")
         return 0
     if args.confirm:
         print(f"confirmation: {confirm(spec, args.output_root, args.jobs)}")
