@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--worker-index", type=int, help="this worker's index (seeds its sampler); give workers on "
                        "other machines distinct ones (default: 0, or drawn when trials are already running)")
     tuner.add_argument("--output-root", default="outputs/tuning", help="where studies go (default outputs/tuning)")
-    tuner.add_argument("--dry-run", action="store_true", help="check the study and its storage, list the space")
+    tuner.add_argument("--dry-run", action="store_true",
+                       help="check the study and its storage, list the space and say where the study stands")
     tuner.add_argument("--confirm", action="store_true", help="after the study: re-run each method's best trial at "
                        "<= 2%% and <= 5%% perplexity cost on the study's confirm_seeds (a sweep in <study>/confirm/)")
     _param_option(tuner, "override a study-file setting (e.g. trials=4)")
