@@ -33,7 +33,7 @@ from tests.test_train import tiny_config, tiny_setup  # noqa: F401  (the module 
 
 def peer_config(root, out, **overrides) -> TrainConfig:
     """The tiny run of tests/test_train.py, fitted without the shared embedding and expert caches."""
-    return tiny_config(root, out, **{"embedding_cache": False, "expert_cache": False, **overrides})
+    return tiny_config(root, out, **{"embedding_cache": False, "run_cache": False, **overrides})
 
 
 def _logits(model, tokenizer, texts=("you are a fool", "the weather is nice")):
@@ -261,7 +261,7 @@ def test_a_dexperts_alpha_curve_trains_its_experts_once_and_keeps_their_training
 
     monkeypatch.setenv("CPWB_CACHE", str(tmp_path / "cache"))
     run = {name: train(peer_config(tiny_setup, tmp_path / name, objective="dexperts", steps=2, checkpoint_every=1,
-                                   expert_cache=True, **extra))
+                                   run_cache=True, **extra))
            for name, extra in (("a", {"dexperts_alpha": 1.0}), ("b", {"dexperts_alpha": 3.0}),
                                ("c", {"dexperts_alpha": 3.0, "lr": 2e-3}))}
     steps = {name: sorted(p.name for p in (tmp_path / name / "expert" / "checkpoints").iterdir()) for name in run}
@@ -273,7 +273,7 @@ def test_a_dexperts_alpha_curve_trains_its_experts_once_and_keeps_their_training
         assert weights["a"].keys() == weights["b"].keys()
         assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
     assert json.loads((run["b"].adapter_dir / "dexperts.json").read_text())["alpha"] == 3.0
-    assert len(list((tmp_path / "cache" / "dexperts").iterdir())) == 4  # expert and anti of two settings
+    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 4  # expert and anti of two settings
 
 
 def _nll_logits(model, tokenizer):

@@ -40,7 +40,7 @@ def tiny_setup(tmp_path_factory, default_lm):
 def tiny_config(root, out, **overrides) -> TrainConfig:
     settings = dict(model=str(root / "model"), pairs=str(root / "pairs.jsonl"), holdout_fraction=0.0, steps=4,
                     anchors_per_step=2, lr=1e-3, warmup_steps=1, checkpoint_every=2, lora_r=4, lora_alpha=8,
-                    lora_dropout=0.1, output_dir=str(out), progress=False)
+                    lora_dropout=0.1, output_dir=str(out), progress=False, run_cache=False)
     return from_dict(TrainConfig, {**settings, **overrides})
 
 
@@ -204,10 +204,10 @@ def test_a_setting_added_since_a_run_started_is_no_change_at_its_default_only(tm
     from cpwb.core.config import require_same_settings, to_dict, yaml_text
 
     now = to_dict(TrainConfig(output_dir=str(tmp_path)))
-    before = {k: v for k, v in now.items() if k != "expert_cache"}  # recorded before expert_cache existed
+    before = {k: v for k, v in now.items() if k != "run_cache"}  # recorded before run_cache existed
     (tmp_path / "config.yaml").write_text(yaml_text(before))
     require_same_settings(tmp_path / "config.yaml", now, config_type=TrainConfig)
-    with pytest.raises(ConfigError, match="expert_cache"):
-        require_same_settings(tmp_path / "config.yaml", {**now, "expert_cache": False}, config_type=TrainConfig)
-    with pytest.raises(ConfigError, match="expert_cache"):  # without the dataclass, a missing setting is a change
+    with pytest.raises(ConfigError, match="run_cache"):
+        require_same_settings(tmp_path / "config.yaml", {**now, "run_cache": False}, config_type=TrainConfig)
+    with pytest.raises(ConfigError, match="run_cache"):  # without the dataclass, a missing setting is a change
         require_same_settings(tmp_path / "config.yaml", now)

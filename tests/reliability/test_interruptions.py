@@ -246,8 +246,6 @@ ATOMIC_EXCEPTIONS = {
     ("steps.evaluation.parallel", "_child"): "the child's live log (its output as it comes, for a reader following "
                                              "the run); the child's protocol records, written atomically, are what "
                                              "mark its work done",
-    ("steps.training.dexperts", "_copy_run"): "called only inside atomic_path blocks: it fills the temporary "
-                                              "folder that replaces the run or cache folder whole",
     ("steps.training.editing", "fit_intervention"): "Intervention.save writes its whole folder through atomic_path",
     ("app.tune", "run_workers"): "each local worker's live log (its output as it comes); the study's storage, "
                                  "transactional, is what marks trials done",

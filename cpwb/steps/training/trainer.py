@@ -76,11 +76,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     process would draw, split over the processes; gradients are reduced by DDP or FSDP, metrics over processes, and
     only the main process writes files.
     """
-    if config.objective in RL_OBJECTIVES:  # TRL's GRPO or RLOO trainer with the scorer as reward
-        from cpwb.steps.training.rl import fit_rl
-
-        return fit_rl(config, resume=resume)
-    if config.objective == "dexperts":  # two adapters trained with this loop, combined at decoding time
+    if config.objective == "dexperts":  # two adapters trained by this function, combined at decoding time
         from cpwb.steps.training.dexperts import fit_dexperts
 
         return fit_dexperts(config, resume=resume)
@@ -88,6 +84,23 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         from cpwb.steps.training.editing import fit_intervention
 
         return fit_intervention(config, resume=resume)
+    from cpwb.steps.training import run_cache
+
+    if stop_after is None and run_cache.restore(config):  # trained before with the same settings and code
+        resume = True
+    if config.objective in RL_OBJECTIVES:  # TRL's GRPO or RLOO trainer with the scorer as reward
+        from cpwb.steps.training.rl import fit_rl
+
+        result = fit_rl(config, resume=resume)
+    else:
+        result = _train_loop(config, resume, stop_after)
+    if stop_after is None:
+        run_cache.store(config)
+    return result
+
+
+def _train_loop(config: TrainConfig, resume: bool, stop_after: int | None) -> TrainResult:
+    """cpwb's own loop, for CP and every objective of cpwb.engine.loss (see `train`)."""
     train_pairs, heldout, source = load_training_pairs(config)  # bad data fails before any weights load
     check_target_modules(config)
     accelerator = make_accelerator(config)
