@@ -277,3 +277,16 @@ def test_results_only_rewrites_the_table_from_the_points_and_downstream_skips_po
     assert "base__seed=0: skipped:" in out and "adapter: no saved artefact" in out
     assert "objective=dpo__seed=0: skipped:" in out and "holds no LoRA adapter" in out  # an empty adapter/
     assert main([*args, "--downstream", "0"]) == 2 and len(_executions(tmp_path / "sweeps")) == 2
+
+
+@pytest.mark.parametrize("grid", ["ablations", "peers", "peers_data", "peers_trained", "peers_lee2024"])
+def test_the_research_grids_base_figures_are_kept_in_git(grid):
+    """Each research grid's base figures (outputs/base-eval/<key>.json) are whitelisted in .gitignore, so a fresh
+    clone reads them instead of spending the first point on them (70 CPU minutes at the lee2024 sizes)."""
+    from cpwb.app.sweep import point_configs
+    from cpwb.steps.experiment import _eval_key
+
+    root = Path(__file__).resolve().parents[1]
+    kept = set((root / ".gitignore").read_text().splitlines())
+    keys = {_eval_key(*point_configs(p.parameters)) for p in expand(load_grid(root / "configs" / f"{grid}.yaml"))}
+    assert {f"!outputs/base-eval/{key}.json" for key in keys} <= kept
