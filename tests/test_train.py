@@ -156,6 +156,20 @@ def test_resume_refuses_a_folder_started_with_other_settings_but_not_a_moved_one
     assert [m["step"] for m in result.metrics] == list(range(1, len(result.metrics) + 1)) and len(result.metrics) > 2
 
 
+def test_a_run_resumes_whatever_its_reuse_and_reporting_settings_hold(tiny_setup, tmp_path, monkeypatch):
+    """What a run reuses or how it reports (config.NOT_FITTED) does not change what it fits: a folder resumes with
+    them changed, and with `expert_cache`, run_cache's retired forerunner, in its record."""
+    import yaml
+
+    monkeypatch.setenv("CPWB_CACHE", str(tmp_path / "cache"))
+    train(tiny_config(tiny_setup, tmp_path / "run"), stop_after=2)
+    record = tmp_path / "run" / "config.yaml"
+    record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "expert_cache": True}, sort_keys=False))
+    result = train(tiny_config(tiny_setup, tmp_path / "run", run_cache=True, embedding_cache=False, progress=True),
+                   resume=True)
+    assert [m["step"] for m in result.metrics] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("kl_data", ["positives", "general"])
 def test_kl_term_is_zero_at_start_and_logged(tiny_setup, tmp_path, kl_data):
     result = train(tiny_config(tiny_setup, tmp_path, steps=3, lr=1e-2, kl_weight=1.0, lora_dropout=0.0,

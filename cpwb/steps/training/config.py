@@ -17,6 +17,12 @@ RL_OBJECTIVES = ("grpo", "rloo")  # TRL's on-policy trainers, the toxicity score
 TRAINING_FREE = ("profs", "steering")  # fitted from the pairs' hidden states, no gradient steps
 
 
+# Settings that do not change what a run fits, only where it is written, how it reports and what it reuses: a run
+# resumes whatever they hold, and they are not in the run cache's key. `expert_cache` was run_cache's DExperts-only
+# forerunner: run folders recorded with it resume.
+NOT_FITTED = ("progress", "output_dir", "report_to", "run_cache", "embedding_cache", "expert_cache")
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run; configs/cp_default.yaml shows the defaults (a test keeps them equal)."""

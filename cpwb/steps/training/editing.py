@@ -28,7 +28,7 @@ from cpwb.engine.interventions import (
     text_embeddings,
 )
 from cpwb.steps.training.batches import load_training_pairs
-from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.config import NOT_FITTED, TrainConfig
 
 
 def model_shape(config: TrainConfig) -> tuple[int, int]:
@@ -78,7 +78,7 @@ def fit_intervention(config: TrainConfig, resume: bool = False):
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     metrics_path = run_dir / "metrics.jsonl"
     if resume and is_intervention(adapter_dir) and metrics_path.is_file():
-        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"),
+        require_same_settings(run_dir / "config.yaml", to_dict(config), NOT_FITTED,
                               config_type=TrainConfig)
         history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         return TrainResult(run_dir, adapter_dir, history, heldout, load_intervention(adapter_dir).attach(model),

@@ -28,7 +28,7 @@ from typing import Any
 
 from cpwb.core.config import require_same_settings, to_dict, yaml_text
 from cpwb.core.files import atomic_write_json, atomic_write_text
-from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.config import NOT_FITTED, TrainConfig
 
 
 def rl_prompts(limit: int = 0) -> list[str]:
@@ -95,7 +95,7 @@ def fit_rl(config: TrainConfig, resume: bool = False):
     run_dir, adapter_dir = Path(config.output_dir), Path(config.output_dir) / "adapter"
     trainer_dir = run_dir / config.objective
     if resume and (run_dir / "config.yaml").is_file():
-        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"),
+        require_same_settings(run_dir / "config.yaml", to_dict(config), NOT_FITTED,
                               config_type=TrainConfig)
         if (adapter_dir / "adapter_config.json").is_file() and (run_dir / "metrics.jsonl").is_file():
             # finished (the adapter is saved last): TRL resuming its final checkpoint would train one step more

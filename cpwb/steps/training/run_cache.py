@@ -9,7 +9,8 @@ points (configs/peers_data.yaml, configs/peers_trained.yaml), and a GRPO run alo
 no step and saves the same adapter. The copied metrics keep the original step times, so the fitting cost a sweep
 reports stays that of the training.
 
-The key digests every setting (but where the run is written and how it reports), the pairs file's content, the
+The key digests every setting that changes what is fitted (all but config.NOT_FITTED: where the run is written,
+how it reports, what it reuses), the pairs file's content, the
 source of the code a training depends on (cpwb.core, data, engine and steps.training) and the versions of torch,
 transformers, peft, trl and accelerate: a change to any of them trains again. Runs under a launcher (several
 processes) neither read nor write the cache. Entries and copied files are written with atomic_path: whole or absent.
@@ -28,10 +29,9 @@ from cpwb.core.config import to_dict
 from cpwb.core.files import atomic_path, sha256_file
 from cpwb.core.provenance import digest
 from cpwb.steps.training.checkpoints import latest_checkpoint
-from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.config import NOT_FITTED, TrainConfig
 
 RUN_FILES = ("config.yaml", "data.json", "metrics.jsonl")  # with adapter/ and the last checkpoint: a finished run
-NOT_IN_KEY = ("output_dir", "progress", "report_to")
 CODE = ("core", "data", "engine", "steps/training")  # the packages a training's result depends on
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate")
 
@@ -63,7 +63,7 @@ def cached_run(config: TrainConfig) -> Path:
     """The cache entry of a run with these settings, pairs, code and libraries (it may not exist)."""
     from cpwb.engine.assets import cache_dir
 
-    settings = {k: v for k, v in to_dict(config).items() if k not in NOT_IN_KEY}
+    settings = {k: v for k, v in to_dict(config).items() if k not in NOT_FITTED}
     pairs = sha256_file(config.pairs) if config.pairs else None
     key = {"settings": settings, "pairs": pairs, "code": code_digest(), "libraries": _library_versions()}
     return cache_dir() / "runs" / digest(key)

@@ -28,7 +28,7 @@ from cpwb.engine.assets import model_label
 from cpwb.engine.device import peak_memory_mb, pick_device
 from cpwb.steps.training.batches import anchor_order, build_anchor_batch, load_training_pairs
 from cpwb.steps.training.checkpoints import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from cpwb.steps.training.config import RL_OBJECTIVES, TRAINING_FREE, TrainConfig
+from cpwb.steps.training.config import NOT_FITTED, RL_OBJECTIVES, TRAINING_FREE, TrainConfig
 from cpwb.steps.training.distributed import Objective, is_sharded, make_accelerator, no_gradient_sync, reduced, wrap
 from cpwb.steps.training.model import build_model, check_target_modules, make_optimizer, use_packing
 from cpwb.steps.training.objective import objective_loss
@@ -119,7 +119,7 @@ def _train_loop(config: TrainConfig, resume: bool, stop_after: int | None) -> Tr
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        require_same_settings(run_dir / "config.yaml", to_dict(config), ("progress", "output_dir", "report_to"),
+        require_same_settings(run_dir / "config.yaml", to_dict(config), NOT_FITTED,
                               config_type=TrainConfig)
         start = load_checkpoint(checkpoint, model, optimizer, scheduler, rng, module)
     metrics_path = run_dir / "metrics.jsonl"
