@@ -135,7 +135,8 @@ def test_dry_run_lists_points_and_count(tmp_path, capsys):
     for point_id, tau in (("objective=dpo__seed=0", points["objective=dpo__seed=0"].parameters["tau"]),
                           ("objective=dpo__seed=1", 0.3)):
         (tmp_path / "g" / point_id).mkdir(parents=True)
-        (tmp_path / "g" / point_id / "result.json").write_text(json.dumps({"config": {"tau": tau}}))
+        recorded = {"tau": tau, "run_cache": False, "progress": True}  # what it reused or printed: no change
+        (tmp_path / "g" / point_id / "result.json").write_text(json.dumps({"config": recorded}))
     assert command(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == ["done     objective=dpo__seed=0", "other settings objective=dpo__seed=1"]

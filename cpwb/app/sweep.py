@@ -24,7 +24,7 @@ from cpwb.core.config import changed_settings, from_dict, load_yaml_config
 from cpwb.core.errors import ConfigError
 from cpwb.core.files import atomic_write_json, atomic_write_text
 from cpwb.steps.experiment import QuickEvalConfig
-from cpwb.steps.training.config import TrainConfig
+from cpwb.steps.training.config import NOT_FITTED, TrainConfig
 
 POINT_NOTEBOOK = NOTEBOOK_DIR / "points" / "train_evaluate.ipynb"
 CONFIG_CLASSES = (TrainConfig, QuickEvalConfig)
@@ -204,7 +204,7 @@ def select(points: list[Point], patterns: str | list[str] | None) -> list[Point]
 def _stale_settings(result: dict[str, Any], point: Point) -> list[str]:
     """Settings recorded in a point's result.json that differ from the point's (empty when they agree)."""
     recorded = {**result.get("config", {}), **result.get("eval", {})}
-    return changed_settings(recorded, point.parameters, ("output_dir", "progress"), common_only=True)
+    return changed_settings(recorded, point.parameters, NOT_FITTED, common_only=True)  # what it reused: no change
 
 
 def _scalars(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
