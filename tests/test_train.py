@@ -222,6 +222,6 @@ def test_a_setting_added_since_a_run_started_is_no_change_at_its_default_only(tm
     (tmp_path / "config.yaml").write_text(yaml_text(before))
     require_same_settings(tmp_path / "config.yaml", now, config_type=TrainConfig)
     with pytest.raises(ConfigError, match="run_cache"):
-        require_same_settings(tmp_path / "config.yaml", {**now, "run_cache": False}, config_type=TrainConfig)
+        require_same_settings(tmp_path / "config.yaml", {**now, "run_cache": True}, config_type=TrainConfig)
     with pytest.raises(ConfigError, match="run_cache"):  # without the dataclass, a missing setting is a change
         require_same_settings(tmp_path / "config.yaml", now)

@@ -100,10 +100,10 @@ class TrainConfig:
                                             "subtracted at every position (0: the base model)", check=">=0")
     dexperts_alpha: float = setting(2.0, "DExperts: logits = base + alpha x (expert - anti-expert); 0: the base "
                                          "model", check=">=0")
-    run_cache: bool = setting(True, "keep each finished training run under $CPWB_CACHE/runs and reuse it in runs "
-                                    "with the same settings, pairs and training code (a DExperts alpha curve's "
-                                    "experts, the lee2024 grid's points); their training seconds are kept; false: "
-                                    "train every run")
+    run_cache: bool = setting(False, "keep each finished training run under $CPWB_CACHE/runs and reuse it in runs "
+                                     "with the same settings, pairs and training code (a DExperts alpha curve's "
+                                     "experts, the lee2024 grid's points; the research grids turn it on); their "
+                                     "training seconds are kept; false: train every run")
     rl_generations: int = setting(4, "GRPO, RLOO: continuations sampled per prompt (the group its rewards are "
                                      "normalised in); anchors_per_step prompts a step", check=">=2")
     rl_max_new_tokens: int = setting(20, "GRPO, RLOO: tokens per sampled continuation", check=">=1")

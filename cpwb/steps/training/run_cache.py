@@ -4,10 +4,10 @@ on this machine is copied in instead of trained again.
 The same adapter serves several grids: a DExperts alpha curve trains its expert and anti-expert once; the `lee2024`
 comparison (configs/peers_lee2024.yaml) trains CP, DPO and GRPO at the settings and seeds of the quick grids'
 points (configs/peers_data.yaml, configs/peers_trained.yaml), and a GRPO run alone costs about an hour of CPU. With
-`run_cache` (default) each finished run (settings, data record, metrics, adapter and last checkpoint) is stored under
-`$CPWB_CACHE/runs/<key>/`, and a run that finds the entry of its key copies it in and resumes from it, so it trains
-no step and saves the same adapter. The copied metrics keep the original step times, so the fitting cost a sweep
-reports stays that of the training.
+`run_cache` (off by default, so a test or a one-off run always trains; on in the research grids) each finished run
+(settings, data record, metrics, adapter and last checkpoint) is stored under `$CPWB_CACHE/runs/<key>/`, and a run
+that finds the entry of its key copies it in and resumes from it, so it trains no step and saves the same adapter.
+The copied metrics keep the original step times, so the fitting cost a sweep reports stays that of the training.
 
 The key digests every setting that changes what is fitted (all but config.NOT_FITTED: where the run is written,
 how it reports, what it reuses), the pairs file's content, the
