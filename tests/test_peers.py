@@ -248,6 +248,73 @@ def test_generation_costs_take_each_methods_latest_run_and_lora_methods_share_cp
     assert compare.comparison_table(points, costs)["generation s / 1k tokens"].tolist() == ["12.5"]
 
 
+def test_fit_costs_take_each_measured_methods_latest_fit_and_add_a_column():
+    import pandas as pd
+
+    from cpwb.analysis import peers as compare
+
+    def row(method, metric, p50, stamp):
+        return {"benchmark": "fit_cost", "config": json.dumps({"method": method, "steps": 200}), "metric": metric,
+                "p50": p50, "timestamp": stamp}
+
+    rows = pd.DataFrame([row("CP", "cpu_seconds_per_fit", 900.0, "2026-11-01T00:00:00"),
+                         row("CP", "cpu_seconds_per_fit", 410.0, "2026-12-03T00:00:00"),
+                         row("CP", "cpu_seconds_per_step", 2.0, "2026-12-03T00:00:00"),
+                         row("ProFS", "cpu_seconds_per_fit", 35.0, "2026-12-03T00:00:00")])
+    fit = compare.fit_costs(rows)
+    assert fit == {"CP": 410.0, "ProFS": 35.0}  # DPO is not given CP's figure: its steps do other work
+    grid = pd.DataFrame(_sweep_rows("cp", "base", [0]) + _sweep_rows("dpo", "objective=dpo", [0]))
+    table = compare.comparison_table(compare.method_points(grid, None), None, fit)
+    assert table["fit CPU s, one machine"].tolist() == ["410", "—"]
+    assert table["fit seconds"].tolist() == ["100", "100"]  # what the points recorded stays beside it
+
+
+def _fit_cost_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fit_cost", Path(__file__).parents[1] / "benchmarks" / "fit_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fit_cost_benchmark_fits_each_method_with_its_sweep_points_settings_from_nothing(monkeypatch):
+    script = _fit_cost_script()
+    monkeypatch.chdir(Path(__file__).parents[1])
+    configs = {name: script.point_config(spec) for name, spec in script.METHODS.items()}
+    assert {name: c.objective for name, c in configs.items()} == {
+        "CP": "cp", "DPO": "dpo", "SimPO": "simpo", "ProFS": "profs", "steering": "steering",
+        "DExperts": "dexperts", "GRPO (RL)": "grpo"}
+    assert not any(c.run_cache or c.embedding_cache for c in configs.values())  # nothing reused
+    assert {c.steps for c in configs.values()} == {200}
+    with pytest.raises(SystemExit, match="no point with id 'nope'"):
+        script.point_config("configs/peers.yaml:nope")
+    # a step = the difference of a short and a longer fit over the added steps; the fit extrapolates to 200
+    monkeypatch.setattr(script, "cpu_seconds", lambda config: 12.0 + 3.0 * config.steps)
+    assert script.measure(configs["CP"], 2, 6) == pytest.approx((3.0, 612.0, 200))
+    monkeypatch.setattr(script, "cpu_seconds", lambda config: 40.0)
+    assert script.measure(configs["ProFS"], 2, 6) == (40.0, 40.0, 1)  # fitted whole, once
+
+
+def test_the_fit_cost_benchmark_times_real_fits_and_leaves_nothing_behind(tiny_setup, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    script = _fit_cost_script()
+    fitted = []
+
+    def spy(config):
+        fitted.append((config.steps, config.output_dir))
+        assert Path(config.output_dir).is_dir()  # a fresh temporary folder, there while it fits
+        return train(config)
+
+    monkeypatch.setattr(script, "train", spy)
+    config = peer_config(tiny_setup, tmp_path / "unused", steps=5)
+    step, whole, steps = script.measure(config, 1, 2)
+    assert [n for n, _ in fitted] == [1, 1, 3]  # the warm-up, the short and the longer fit
+    assert len({folder for _, folder in fitted}) == 3 and not any(Path(f).exists() for _, f in fitted)
+    assert step >= 0 and whole > 0 and steps == 5  # tiny steps: the difference is within timing noise
+    assert not (tmp_path / "unused").exists()
+
+
 # ------------------------------------------------------------------------------------------------ DExperts
 @pytest.fixture(scope="module")
 def dexperts_run(tiny_setup, tmp_path_factory):  # noqa: F811

@@ -134,9 +134,9 @@ def test_tuning_studies_from_notebook_05_add_their_fronts_best_trials_and_seed_r
 
 
 def test_peers_sweeps_from_notebook_05_add_the_comparison_table_and_figure(run_dir):
-    from cpwb.analysis.report_inputs import read_peers
+    from cpwb.analysis.report_inputs import read_method_costs, read_peers
 
-    assert read_peers(run_dir) is None  # no peers' sweep copied: no section
+    assert read_peers(run_dir) is None and read_method_costs(run_dir) == {}  # no peers' sweep copied: no section
     common = {"status": "completed", "varied": "", "ppl_change": 0.01, "similarity": 0.27, "train_seconds": 9.0}
     (run_dir / "ablations").mkdir()
     pd.DataFrame([{**common, "point": f"base__seed={s}", "variant": "base", "objective": "cp", "seed": s,
@@ -148,6 +148,11 @@ def test_peers_sweeps_from_notebook_05_add_the_comparison_table_and_figure(run_d
         run_dir / "peers" / "peers" / "results.csv", index=False)
     report = build_report(_folders(run_dir), peers=read_peers(run_dir))
     assert report.peers.method.tolist() == ["CP", "ProFS", "ProFS"] and report.peers.seeds.tolist() == [2, 1, 1]
+    assert "fit CPU s, one machine" not in report.peers  # no benchmark figures: no columns for them
+    (run_dir / "peers" / "costs.json").write_text(json.dumps({"generation": {"CP": 12.5}, "fit": {"ProFS": 35.0}}))
+    costed = build_report(_folders(run_dir), peers=read_peers(run_dir), costs=read_method_costs(run_dir)).peers
+    assert costed["fit CPU s, one machine"].tolist() == ["—", "35", "35"]
+    assert costed["generation s / 1k tokens"].tolist() == ["12.5", "—", "—"]
     assert "CP and its peers" in render_html(report) and "peers_comparison" in report.figures
 
 

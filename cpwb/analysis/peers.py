@@ -99,21 +99,35 @@ def _measured_cell(part: pd.DataFrame, columns: tuple[str, str, str], digits: in
     return cell if len(have) == len(part) else f"{cell} ({len(have)} of {len(part)} seeds)"
 
 
+def _latest(benchmarks: pd.DataFrame, benchmark: str, metric: str) -> dict[str, float]:
+    """Method -> the median of its latest run of one benchmark's metric in a benchmarks/results.csv."""
+    rows = benchmarks[(benchmarks.benchmark == benchmark) & (benchmarks.metric == metric)]
+    rows = rows.assign(method=rows.config.map(lambda text: json.loads(text)["method"])).sort_values("timestamp")
+    return {str(m): float(v) for m, v in rows.groupby("method").p50.last().items()}
+
+
 def generation_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
     """Method -> CPU seconds per 1,000 generated tokens, from benchmarks/method_cost.py's rows of a
     benchmarks/results.csv (each method's latest run, median over its repeats). DPO, SimPO and GRPO train LoRA
     adapters of CP's shape, so they take CP's figure when they were not measured themselves."""
-    rows = benchmarks[(benchmarks.benchmark == "method_cost") & (benchmarks.metric == "cpu_seconds_per_1k_tokens")]
-    rows = rows.assign(method=rows.config.map(lambda text: json.loads(text)["method"])).sort_values("timestamp")
-    costs = {str(m): float(v) for m, v in rows.groupby("method").p50.last().items()}
+    costs = _latest(benchmarks, "method_cost", "cpu_seconds_per_1k_tokens")
     return {**({name: costs["CP"] for name in LORA_METHODS} if "CP" in costs else {}), **costs}
 
 
-def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None = None) -> pd.DataFrame:
+def fit_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
+    """Method -> CPU seconds of one whole fit, from benchmarks/fit_cost.py's rows (each method's latest run, median
+    over its repeats): every method fitted on one machine in one process, unlike the sweeps' recorded seconds,
+    which come from whichever machine ran each point. Only measured methods: objectives differ in their work."""
+    return _latest(benchmarks, "fit_cost", "cpu_seconds_per_fit")
+
+
+def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None = None,
+                     fit: dict[str, float] | None = None) -> pd.DataFrame:
     """Per method, setting and knob value: seeds, toxicity and perplexity change (mean ± std over seeds, or the
     paired 95% interval of a single seed), the toxicity change by the second scorer when the points were rescored
     with it, the downstream accuracy change in points when measured (`cpwb sweep --downstream`), similarity,
-    fitting seconds and, when measured, generation seconds per 1,000 tokens (`generation`: method -> seconds)."""
+    fitting seconds as the points recorded them, and, when benchmarked, the CPU seconds of a fit on one machine
+    (`fit`: method -> seconds, `fit_costs`) and of generating 1,000 tokens (`generation`: method -> seconds)."""
     rows = []
     for (method, setting, value), part in points.groupby(["method", "setting", "knob_value"], dropna=False,
                                                            sort=False):
@@ -129,6 +143,7 @@ def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None =
                if points[DOWNSTREAM[0]].notna().any() else {}),
             "similarity": f"{part.similarity.astype(float).mean():.3f}",
             "fit seconds": f"{part.train_seconds.astype(float).mean():.0f}",
+            **({"fit CPU s, one machine": f"{fit[method]:.0f}" if method in fit else "—"} if fit else {}),
             **({"generation s / 1k tokens": f"{generation[method]:.1f}" if method in generation else "—"}
                if generation else {}),
             "_tox": part.toxicity_change.astype(float).mean()})

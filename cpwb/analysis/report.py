@@ -282,14 +282,16 @@ def _provenance_note(name: str, frame: pd.DataFrame) -> str:
 def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | None = None,
                  n_examples: int = 8, tuning: pd.DataFrame | None = None,
                  confirmations: pd.DataFrame | None = None, peers: pd.DataFrame | None = None,
-                 generation: dict[str, float] | None = None, peers_lee2024: pd.DataFrame | None = None) -> Report:
+                 costs: Mapping[str, dict[str, float]] | None = None, peers_lee2024: pd.DataFrame | None = None
+                 ) -> Report:
     """The report of evaluation folders (label -> folder, e.g. {"base": ..., "CP": ...}), optional baselines,
     optional tuning studies (`read_tuning`): their fronts, best trial per budget and seed re-runs, and optional
-    peers' points (`read_peers`): the comparison table (with each method's generation cost when measured,
-    `read_generation_costs`) and figure, and the same under the lee2024 protocol (`read_peers_lee2024`)."""
+    peers' points (`read_peers`): the comparison table (with each method's benchmarked fit and generation costs
+    when measured, `read_method_costs`) and figure, and the same under the lee2024 protocol (`read_peers_lee2024`)."""
     from cpwb.analysis import peers as compared
     from cpwb.analysis import tuning as tuned
 
+    costs = costs or {}
     evaluations = {name: read_metrics(folder) for name, folder in folders.items()}
     table = with_intervals(metrics_table(evaluations, baselines), folders)
     greedy = {name: Path(folder) / "continuations" / "greedy.jsonl" for name, folder in folders.items()}
@@ -311,11 +313,11 @@ def build_report(folders: Mapping[str, str | Path], baselines: pd.DataFrame | No
     peer_table = pd.DataFrame()
     if peers is not None and len(peers):
         figures["peers_comparison"] = compared.comparison_figure(peers)
-        peer_table = compared.comparison_table(peers, generation)
+        peer_table = compared.comparison_table(peers, costs.get("generation"), costs.get("fit"))
     lee_table = pd.DataFrame()
     if peers_lee2024 is not None and len(peers_lee2024):
         figures["peers_lee2024"] = compared.comparison_figure(peers_lee2024)
-        lee_table = compared.comparison_table(peers_lee2024, generation)
+        lee_table = compared.comparison_table(peers_lee2024, costs.get("generation"), costs.get("fit"))
     return Report(table, figures, examples, notes, settings, differences, best, confirmed, scorer_agreement(folders),
                   peer_table, lee_table, target)
 

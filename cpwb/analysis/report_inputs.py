@@ -78,11 +78,12 @@ def read_peers_lee2024(run_dir: str | Path) -> pd.DataFrame | None:
     return method_points(None, read_results(path)) if path.is_file() else None
 
 
-def read_generation_costs(run_dir: str | Path) -> dict[str, float]:
-    """Notebook 05's `peers/generation.json` (method -> CPU seconds per 1,000 generated tokens), or {}."""
+def read_method_costs(run_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Notebook 05's `peers/costs.json`: {"generation": method -> CPU seconds per 1,000 generated tokens, "fit":
+    method -> CPU seconds of a fit}, from the benchmarks (benchmarks/method_cost.py, fit_cost.py), or {}."""
     import json
 
-    path = Path(run_dir) / "peers" / "generation.json"
+    path = Path(run_dir) / "peers" / "costs.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
