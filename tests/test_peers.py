@@ -229,6 +229,33 @@ def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_
     assert downstream.iloc[0] == "+0.5 ± 2.1 pts (2 of 3 seeds)" and downstream.iloc[1] == "—"
 
 
+def test_downstream_figures_come_from_the_data_grids_all_pairs_points_of_the_same_method_and_seed():
+    import pandas as pd
+
+    from cpwb.analysis import peers as compare
+
+    grid = pd.DataFrame(_sweep_rows("cp", "base", [0, 1]) + _sweep_rows("dpo", "objective=dpo", [0]))
+    peers = pd.DataFrame(_sweep_rows("profs", "p", [0], "edit_rank", (1, 4), edit_layers="[]",
+                                     downstream_change=-0.07))
+    data = pd.DataFrame(  # CP at all pairs on seeds 0 and 2, and on fewer or swapped pairs, which must not count
+        _sweep_rows("cp", "base", [0, 2], downstream_change=0.01)
+        + _sweep_rows("cp", "l50", [1], train_pairs_limit=50, downstream_change=-0.3)
+        + _sweep_rows("cp", "s", [1], swap_fraction=0.2, downstream_change=-0.4)
+        + _sweep_rows("profs", "pd", [0], "edit_rank", (1,), downstream_change=0.9))
+    for column in ("downstream_change_low", "downstream_change_high"):
+        data[column] = data.downstream_change - 0.02 if column.endswith("low") else data.downstream_change + 0.02
+    filled = compare.downstream_from(compare.method_points(grid, peers), data)
+    cp = filled[filled.method == "CP"].set_index("seed")
+    assert cp.downstream_change.loc[0] == pytest.approx(0.01)
+    assert cp.downstream_change_high.loc[0] == pytest.approx(0.03)
+    assert pd.isna(cp.downstream_change.loc[1])  # seed 1 only on fewer or swapped pairs: not the same model
+    assert filled[filled.method == "DPO"].downstream_change.isna().all()  # not in the data grid
+    assert filled[filled.method == "ProFS"].downstream_change.tolist() == [-0.07, -0.07]  # measured: kept
+    cell = compare.comparison_table(filled).set_index("method").loc["CP", "downstream change"]
+    assert cell == "+1.0 pts [-1.0, +3.0] (1 of 2 seeds)"
+    assert compare.downstream_from(compare.method_points(grid, peers), None).downstream_change.isna().sum() == 3
+
+
 def test_generation_costs_take_each_methods_latest_run_and_lora_methods_share_cps():
     import pandas as pd
 

@@ -154,6 +154,16 @@ def test_peers_sweeps_from_notebook_05_add_the_comparison_table_and_figure(run_d
     assert costed["fit CPU s, one machine"].tolist() == ["—", "35", "35"]
     assert costed["generation s / 1k tokens"].tolist() == ["12.5", "—", "—"]
     assert "CP and its peers" in render_html(report) and "peers_comparison" in report.figures
+    assert "downstream change" not in costed  # measured nowhere: no column
+    (run_dir / "peers_data").mkdir()  # notebook 05's copy of the data grid: CP's downstream figure on seed 1
+    pd.DataFrame([{**common, "point": "base__seed=1", "variant": "base", "objective": "cp", "seed": 1,
+                   "toxicity_change": -0.5, "downstream_change": 0.004, "downstream_change_low": -0.01,
+                   "downstream_change_high": 0.02},
+                  {**common, "point": "train_pairs_limit=50__seed=0", "variant": "l50", "objective": "cp", "seed": 0,
+                   "train_pairs_limit": 50, "toxicity_change": -0.2, "downstream_change": -0.5}]).to_csv(
+        run_dir / "peers_data" / "results.csv", index=False)
+    filled = build_report(_folders(run_dir), peers=read_peers(run_dir)).peers
+    assert filled["downstream change"].tolist() == ["+0.4 pts [-1.0, +2.0] (1 of 2 seeds)", "—", "—"]
 
 
 def test_a_second_scorer_rescoring_the_continuations_shows_its_agreement_and_leaves_the_table(run_dir):

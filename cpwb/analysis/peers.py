@@ -79,6 +79,35 @@ def method_points(ablations: pd.DataFrame | None, peers: pd.DataFrame | None) ->
     return frame[list(COLUMNS)]
 
 
+DATA_SETTINGS = ("train_pairs_limit", "swap_fraction")  # configs/peers_data.yaml's settings; 0 (or unset): all, none
+
+
+def downstream_from(points: pd.DataFrame, sweep: pd.DataFrame | None) -> pd.DataFrame:
+    """`points` with the downstream accuracy change filled in where it was not measured, from another sweep's
+    completed points of the same method, seed and default settings, on all pairs and none swapped (DATA_SETTINGS).
+
+    The ablation grid ran before downstream accuracy was measured in-line and its artefacts were not kept;
+    configs/peers_data.yaml trains CP and DPO again at those settings and seeds and measures it, so its all-pairs
+    points give the figure. Only methods without a strength knob are filled (a knob's other values are other
+    models); figures measured on the point itself are kept."""
+    out = points.copy()
+    if sweep is None or not len(sweep) or "downstream_change" not in sweep:
+        return out
+    defaults = sweep.status.eq("completed")
+    for name in DATA_SETTINGS:
+        if name in sweep:
+            defaults &= pd.to_numeric(sweep[name], errors="coerce").fillna(0).eq(0)
+    donors = method_points(None, sweep[defaults])
+    donors = donors[donors.setting.eq("default") & donors.knob.fillna("").eq("") & donors.downstream_change.notna()]
+    by_key = {(row.method, row.seed): row for row in donors.itertuples(index=False)}
+    for index in out.index[out.downstream_change.isna() & out.setting.eq("default") & out.knob.fillna("").eq("")]:
+        donor = by_key.get((out.at[index, "method"], out.at[index, "seed"]))
+        if donor is not None:
+            for column in DOWNSTREAM:
+                out.at[index, column] = getattr(donor, column)
+    return out
+
+
 def _cell(values: pd.Series, low: pd.Series, high: pd.Series, digits: int = 0, unit: str = "%") -> str:
     """`mean ± std` over seeds in % (or another `unit` of hundredths), or with one seed its recorded interval."""
     v, f = 100 * values.astype(float), f".{digits}f"

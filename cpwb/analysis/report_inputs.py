@@ -55,16 +55,19 @@ def read_tuning(run_dir: str | Path) -> tuple[pd.DataFrame | None, pd.DataFrame 
 
 def read_peers(run_dir: str | Path) -> pd.DataFrame | None:
     """The compared methods' points (cpwb.analysis.peers.method_points) from notebook 05's copies of the ablation
-    grid and the peers' sweeps (`peers/*/results.csv`), or None when there are no peers' sweeps."""
+    grid and the peers' sweeps (`peers/*/results.csv`), or None when there are no peers' sweeps; the downstream
+    figures the grid did not keep come from its copy of the data grid (`peers_data/results.csv`,
+    cpwb.analysis.peers.downstream_from) when there is one."""
     from cpwb.analysis.ablations import read_results
-    from cpwb.analysis.peers import method_points
+    from cpwb.analysis.peers import downstream_from, method_points
 
     paths = sorted(Path(run_dir).glob("peers/*/results.csv"))
     if not paths:
         return None
-    grid = Path(run_dir) / "ablations" / "results.csv"
-    return method_points(read_results(grid) if grid.is_file() else None,
-                         pd.concat([read_results(p) for p in paths], ignore_index=True))
+    grid, data = Path(run_dir) / "ablations" / "results.csv", Path(run_dir) / "peers_data" / "results.csv"
+    points = method_points(read_results(grid) if grid.is_file() else None,
+                           pd.concat([read_results(p) for p in paths], ignore_index=True))
+    return downstream_from(points, read_results(data)) if data.is_file() else points
 
 
 def read_peers_lee2024(run_dir: str | Path) -> pd.DataFrame | None:
