@@ -114,7 +114,7 @@ def base_eval(train_config: TrainConfig, eval_config: QuickEvalConfig, cache_roo
     Workers that share the cache (`--jobs N`, or machines sharing the folder) compute it once: whoever takes the
     file's lock (`<key>.json.lock`, filelock) computes, the others wait for it and read the cache. With
     `wait=False` a worker that finds the lock taken returns None at once instead, so it can do its own work first
-    (`train_and_evaluate`); the lee2024-sized base costs about 70 CPU minutes, which two workers would otherwise
+    (`train_and_evaluate`); the lee2024-sized base costs 25 to 70 CPU minutes, which two workers would otherwise
     both spend."""
     from filelock import FileLock, Timeout
 
