@@ -229,6 +229,20 @@ def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_
     assert downstream.iloc[0] == "+0.5 ± 2.1 pts (2 of 3 seeds)" and downstream.iloc[1] == "—"
 
 
+def test_a_point_at_its_knobs_default_shows_the_default_not_a_missing_value():
+    import pandas as pd
+
+    from cpwb.analysis import peers as compare
+    from cpwb.steps.training.config import TrainConfig
+
+    # a grid with one setting per method writes no edit_rank column when the point keeps the default
+    lee = pd.DataFrame(_sweep_rows("profs", "objective=profs", [0]) + _sweep_rows("dpo", "objective=dpo", [0]))
+    points = compare.method_points(None, lee)
+    assert points.knob_value.iloc[0] == TrainConfig().edit_rank and pd.isna(points.knob_value.iloc[1])
+    assert compare.comparison_table(points).setting.tolist() == [f"default; edit_rank={TrainConfig().edit_rank}",
+                                                                 "default"]
+
+
 def test_downstream_figures_come_from_the_data_grids_all_pairs_points_of_the_same_method_and_seed():
     import pandas as pd
 

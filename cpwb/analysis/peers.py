@@ -58,6 +58,19 @@ def _setting(row: pd.Series, names: tuple[str, ...]) -> str:
     return ", ".join(parts) or "default"
 
 
+def _knob_value(row: pd.Series, knob: str) -> float:
+    """The point's strength knob; a sweep writes only the settings its grid varies, so a point at the knob's default
+    (a grid with one setting per method, e.g. configs/peers_lee2024.yaml) takes the default from TrainConfig."""
+    if not knob:
+        return np.nan
+    value = row.get(knob)
+    if value is None or pd.isna(value):
+        from cpwb.steps.training.config import TrainConfig
+
+        value = TrainConfig.__dataclass_fields__[knob].default
+    return float(value)
+
+
 def method_points(ablations: pd.DataFrame | None, peers: pd.DataFrame | None) -> pd.DataFrame:
     """One row per completed point of the compared methods (COLUMNS; interval columns NaN where not recorded)."""
     rows: list[dict] = []
@@ -70,8 +83,7 @@ def method_points(ablations: pd.DataFrame | None, peers: pd.DataFrame | None) ->
         for _, row in peers[peers.status == "completed"].iterrows():
             knob, others = KNOBS.get(row.objective, ("", ()))
             rows.append({**row.to_dict(), "method": PEER_NAMES.get(row.objective, row.objective),
-                         "setting": _setting(row, others), "knob": knob,
-                         "knob_value": float(row[knob]) if knob in row else np.nan})
+                         "setting": _setting(row, others), "knob": knob, "knob_value": _knob_value(row, knob)})
     frame = pd.DataFrame(rows)
     for column in COLUMNS:
         if column not in frame:
