@@ -209,7 +209,7 @@ def test_comparison_keeps_every_method_and_draws_knob_curves_with_intervals_for_
     cp = table[table.method == "CP"].iloc[0]
     assert cp.seeds == 3 and cp["toxicity change"] == "-49 ± 1%"
     profs = table[table.method == "ProFS"]
-    assert list(profs.setting) == ["default; edit_rank=1", "default; edit_rank=2", "default; edit_rank=4"]
+    assert list(profs.setting) == ["edit_rank=1", "edit_rank=2", "edit_rank=4"]
     assert profs.iloc[0]["toxicity change"] == "-60% [-60, -40]"  # one seed: its paired interval
     assert table[table.method == "steering"].setting.iloc[0] == "block 8; steering_strength=0.5"
     fig = compare.comparison_figure(points)
@@ -239,7 +239,7 @@ def test_a_point_at_its_knobs_default_shows_the_default_not_a_missing_value():
     lee = pd.DataFrame(_sweep_rows("profs", "objective=profs", [0]) + _sweep_rows("dpo", "objective=dpo", [0]))
     points = compare.method_points(None, lee)
     assert points.knob_value.iloc[0] == TrainConfig().edit_rank and pd.isna(points.knob_value.iloc[1])
-    assert compare.comparison_table(points).setting.tolist() == [f"default; edit_rank={TrainConfig().edit_rank}",
+    assert compare.comparison_table(points).setting.tolist() == [f"edit_rank={TrainConfig().edit_rank}",
                                                                  "default"]
 
 

@@ -162,6 +162,13 @@ def fit_costs(benchmarks: pd.DataFrame) -> dict[str, float]:
     return _latest(benchmarks, "fit_cost", "cpu_seconds_per_fit")
 
 
+def _setting_label(setting: str, knob: str, value: float) -> str:
+    """A table row's setting: the non-default settings, then the knob's value ("edit_rank=2", not "default; ...")."""
+    if not knob:
+        return setting
+    return f"{knob}={value:g}" if setting == "default" else f"{setting}; {knob}={value:g}"
+
+
 def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None = None,
                      fit: dict[str, float] | None = None) -> pd.DataFrame:
     """Per method, setting and knob value: seeds, toxicity and perplexity change (mean ± std over seeds, or the
@@ -174,7 +181,7 @@ def comparison_table(points: pd.DataFrame, generation: dict[str, float] | None =
                                                            sort=False):
         knob = part.knob.iloc[0]
         rows.append({
-            "method": method, "setting": setting if not knob else f"{setting}; {knob}={value:g}",
+            "method": method, "setting": _setting_label(setting, knob, value),
             "seeds": len(part),
             "toxicity change": _cell(part.toxicity_change, part.toxicity_change_low, part.toxicity_change_high),
             **({f"toxicity change, {SECOND_SCORER}": _measured_cell(part, SECOND)}
